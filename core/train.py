@@ -1,0 +1,269 @@
+"""Train a diffusion model, baseline or ConPreDiff, on accelerate; re-running the same command resumes.
+
+Example::
+
+    python -m core.train --config experiments/unconditional/presets/mini-digits-conprediff.yaml \
+        --run-dir runs/mini-conprediff-s0 --set train.seed=0
+    # two CPU processes (gloo):
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m core.train --config ... --run-dir ...
+    # GPUs:
+    accelerate launch --multi_gpu --num_processes 8 -m core.train --config ... --run-dir ...
+
+The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit),
+``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically) and,
+when training ends, ``pipeline/``: the EMA UNet and scheduler in diffusers layout, without the
+context decoder. Batch size is global and duration is in optimizer steps, whatever the number of
+processes; every random draw is a function of (seed, step, image index), so runs are identical
+across process counts and resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from .config import ConfigError, RunConfig, apply_overrides, config_diff
+from .data import ImageData, global_batch_indices
+from .models import build_scheduler, build_unet, sampling_scheduler
+from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
+from .runlog import RunLog, append_jsonl, environment, read_jsonl, write_atomic
+
+CHECKPOINTS = "checkpoints"
+DONE_MARKER = "state.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stopped before touching any checkpoint."""
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` in step order; half-written ones are ignored."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = []
+    for p in root.glob("checkpoint-*") if root.exists() else []:
+        step = p.name.removeprefix("checkpoint-")
+        if step.isdigit() and (p / DONE_MARKER).exists():
+            found.append((int(step), p))
+    return sorted(found)
+
+
+def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
+    """Refuse to resume a run whose saved config differs, listing the keys, unless allowed."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        diff = config_diff(yaml.safe_load(saved.read_text()), cfg.to_dict())
+        if diff and not allow_change:
+            raise ConfigError(
+                f"{run_dir} was started with a different config; differing keys:\n  " + "\n  ".join(diff)
+                + "\nUse another --run-dir, or pass --allow-config-change to continue anyway."
+            )
+
+
+def per_process_batch(cfg: RunConfig, world: int) -> int:
+    b, a = cfg.train.batch_size, cfg.train.grad_accumulation
+    if b % (a * world):
+        raise ConfigError(
+            f"train.batch_size={b} must be divisible by grad_accumulation ({a}) x processes ({world})"
+        )
+    return b // (a * world)
+
+
+def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) -> DiffusionTrainingModule:
+    unet = build_unet(cfg.model, sample_size, in_channels)
+    context = None
+    if cfg.context.enabled:
+        context = ContextPrediction(cfg.context, cfg.model.block_out_channels[0], in_channels)
+    return DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), context)
+
+
+def export_pipeline(unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path) -> Path:
+    """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder."""
+    from diffusers import DDPMPipeline
+
+    unet = copy.deepcopy(unet).to("cpu")
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if unet.config.get("cross_attention_dim") is None or type(unet).__name__ == "UNet2DModel":
+        DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
+    else:
+        unet.save_pretrained(tmp / "unet")
+        train_scheduler.save_pretrained(tmp / "scheduler")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None
+) -> Path:
+    """Train (or resume) the run in ``run_dir``; returns the exported pipeline folder.
+
+    ``stop_after`` ends this invocation after that many optimizer steps without finishing the run
+    (as an interruption would); the next call resumes.
+    """
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        check_config(run_dir, cfg, allow_config_change)
+    accelerator.wait_for_everyone()
+    log = RunLog(run_dir, main)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    local_batch = per_process_batch(cfg, world)
+    tc = cfg.train
+
+    data = ImageData(cfg.data)
+    torch.manual_seed(tc.seed)  # identical initial weights on every process
+    module = build_training_module(cfg, cfg.data.channels, cfg.data.resolution)
+    ema = EMAModel(module.unet.parameters(), decay=tc.ema_decay, model_cls=type(module.unet), model_config=module.unet.config)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    schedule = "constant_with_warmup" if tc.lr_schedule == "constant" else tc.lr_schedule
+    lr_schedule = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    ema.to(device)
+    # The LR schedule is stepped by us once per optimizer step (never once per process).
+    accelerator.register_for_checkpointing(lr_schedule, ema)
+    inner = accelerator.unwrap_model(module)
+
+    start = 0
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        start, path = checkpoints[-1]
+        accelerator.load_state(str(path))
+        log(f"resumed from {path} (step {start})")
+    if main:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(run_dir / "env.json", json.dumps({**environment(), "num_processes": world}, indent=2))
+        stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
+        write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
+        n_unet = sum(p.numel() for p in inner.unet.parameters())
+        n_ctx = sum(p.numel() for p in inner.context.parameters()) if inner.context is not None else 0
+        log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {world} x {local_batch} x "
+            f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder {n_ctx:,}")
+
+    micro = tc.batch_size // tc.grad_accumulation
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    progress = None
+    if main and start < end:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=tc.steps, initial=start, desc=cfg.name, dynamic_ncols=True, mininterval=2)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        batch = global_batch_indices(len(data), tc.seed, step, tc.batch_size)
+        totals: dict[str, torch.Tensor] = {}
+        for m in range(tc.grad_accumulation):
+            first = m * micro + rank * local_batch
+            positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
+            x0 = data.images(batch[first : first + local_batch]).to(device)
+            gens = image_generators(tc.seed, step, positions)
+            timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
+            noise = randn_per_image(gens, x0.shape[1:], device)
+            sync = accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else _nullcontext()
+            with sync:
+                losses = module(x0, noise, timesteps.to(device), generators=gens if inner.context is not None else None)
+                accelerator.backward(losses["loss"] / tc.grad_accumulation)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
+        names = sorted(totals)
+        reduced = accelerator.reduce(torch.stack([totals[k] for k in names]), "mean")
+        if not torch.isfinite(reduced).all():
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, reduced.tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({terms}); the last checkpoint "
+                f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
+            )
+        if tc.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(inner.unet.parameters())
+        done = step + 1
+        if main and (done % tc.log_every == 0 or done == tc.steps):
+            record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+            record.update({k: v for k, v in zip(names, reduced.tolist())})
+            append_jsonl(run_dir / "stats.jsonl", record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
+            checkpoints = list_checkpoints(run_dir)
+    if progress is not None:
+        progress.close()
+
+    pipeline_dir = run_dir / "pipeline"
+    finished = list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] >= tc.steps
+    if finished and main and not (pipeline_dir / "model_index.json").exists() and not (pipeline_dir / "unet").exists():
+        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir)
+        log(f"exported {pipeline_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return pipeline_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the newest ``keep``."""
+    root = run_dir / CHECKPOINTS
+    final, tmp = root / f"checkpoint-{step}", root / f"tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / DONE_MARKER).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_config(config: str | None, overrides: list[str]) -> RunConfig:
+    if config and not Path(config).exists():
+        raise ConfigError(f"config file not found: {config}")
+    d = yaml.safe_load(Path(config).read_text()) if config else {}
+    return RunConfig.from_dict(apply_overrides(d or {}, overrides))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (see experiments/*/presets/)")
+    parser.add_argument("--run-dir", required=True, help="run directory; re-running with the same one resumes")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
+    parser.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after)
+
+
+if __name__ == "__main__":
+    main()
