@@ -1,0 +1,84 @@
+import numpy as np
+import ot
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from core.wasserstein import EXACT_DP_MAX_K, w2_sets
+
+
+def reference(pred, target, valid):
+    out = []
+    for p, t, v in zip(pred.numpy(), target.numpy(), valid.numpy()):
+        p, t = p[v], t[v]
+        if len(p) == 0:
+            out.append(0.0)
+            continue
+        cost = ((p[:, None] - t[None]) ** 2).sum(-1)
+        r, c = linear_sum_assignment(cost)
+        lsa = cost[r, c].mean()
+        emd = ot.emd2(np.full(len(p), 1 / len(p)), np.full(len(t), 1 / len(t)), cost)
+        assert abs(lsa - emd) <= 1e-9 * max(1.0, lsa)
+        out.append(lsa)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", range(1, 11))
+@pytest.mark.parametrize("d", [1, 3, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_exact_equals_scipy_and_pot(k, d, masked):
+    g = torch.Generator().manual_seed(k * 100 + d)
+    pred = torch.randn(40, k, d, generator=g, dtype=torch.float64)
+    target = torch.randn(40, k, d, generator=g, dtype=torch.float64)
+    valid = torch.rand(40, k, generator=g) > 0.3 if masked else torch.ones(40, k, dtype=torch.bool)
+    got = w2_sets(pred, target, valid if masked else None)
+    ref = reference(pred, target, valid)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12)
+
+
+def test_exact_float32_and_batch_shape():
+    pred, target = torch.randn(3, 5, 8, 4), torch.randn(3, 5, 8, 4)
+    got = w2_sets(pred, target)
+    assert got.shape == (3, 5)
+    ref = reference(pred.reshape(-1, 8, 4).double(), target.reshape(-1, 8, 4).double(), torch.ones(15, 8, dtype=torch.bool))
+    torch.testing.assert_close(got.reshape(-1).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_large_k_falls_back_to_hungarian():
+    k = EXACT_DP_MAX_K + 4
+    pred, target = torch.randn(6, k, 3, dtype=torch.float64), torch.randn(6, k, 3, dtype=torch.float64)
+    valid = torch.rand(6, k) > 0.2
+    torch.testing.assert_close(w2_sets(pred, target, valid), reference(pred, target, valid), rtol=1e-5, atol=1e-12)
+
+
+def test_permutation_invariance():
+    pred, target = torch.randn(10, 8, 3), torch.randn(10, 8, 3)
+    perm = torch.randperm(8)
+    torch.testing.assert_close(w2_sets(pred, target), w2_sets(pred[:, perm], target))
+    torch.testing.assert_close(w2_sets(pred, target), w2_sets(pred, target[:, torch.randperm(8)]))
+    assert torch.allclose(w2_sets(target[:, perm], target), torch.zeros(10), atol=1e-6)
+
+
+def test_gradcheck_exact():
+    torch.manual_seed(0)
+    pred = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[1, 1, 1, 0, 1]] * 4, dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda p, t: w2_sets(p, t, valid), (pred, target))
+
+
+def test_sinkhorn_approaches_exact_and_sliced_exact_in_1d():
+    pred, target = torch.randn(200, 8, 3, dtype=torch.float64), torch.randn(200, 8, 3, dtype=torch.float64)
+    exact = w2_sets(pred, target)
+    sk = w2_sets(pred, target, solver="sinkhorn", sinkhorn_reg=0.005, sinkhorn_iters=500)
+    assert ((sk - exact).abs() / exact).mean() < 0.02
+    valid = torch.rand(200, 8) > 0.3
+    p1, t1 = pred[..., :1], target[..., :1]
+    torch.testing.assert_close(w2_sets(p1, t1, valid, solver="sliced"), w2_sets(p1, t1, valid), rtol=1e-9, atol=1e-12)
+    sk_masked = w2_sets(pred, target, valid, solver="sinkhorn", sinkhorn_reg=0.005, sinkhorn_iters=500)
+    assert ((sk_masked - w2_sets(pred, target, valid)).abs()).mean() < 0.05
+
+
+def test_bad_solver():
+    with pytest.raises(ValueError, match="allowed"):
+        w2_sets(torch.randn(2, 8, 1), torch.randn(2, 8, 1), solver="hungarian")
