@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from core.wasserstein import EXACT_DP_MAX_K, w2_sets
+from core.wasserstein import EXACT_DP_MAX_K, w2_exact, w2_sets
 
 
 def reference(pred, target, valid):
@@ -31,24 +31,27 @@ def test_exact_equals_scipy_and_pot(k, d, masked):
     pred = torch.randn(40, k, d, generator=g, dtype=torch.float64)
     target = torch.randn(40, k, d, generator=g, dtype=torch.float64)
     valid = torch.rand(40, k, generator=g) > 0.3 if masked else torch.ones(40, k, dtype=torch.bool)
-    got = w2_sets(pred, target, valid if masked else None)
     ref = reference(pred, target, valid)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12)
+    for method in ("dp", "hungarian", "auto"):
+        got = w2_exact(pred, target, valid if masked else None, method=method)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12)
 
 
 def test_exact_float32_and_batch_shape():
     pred, target = torch.randn(3, 5, 8, 4), torch.randn(3, 5, 8, 4)
-    got = w2_sets(pred, target)
+    got = w2_exact(pred, target, method="dp")
     assert got.shape == (3, 5)
     ref = reference(pred.reshape(-1, 8, 4).double(), target.reshape(-1, 8, 4).double(), torch.ones(15, 8, dtype=torch.bool))
     torch.testing.assert_close(got.reshape(-1).double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_exact_large_k_falls_back_to_hungarian():
+def test_exact_large_k_uses_hungarian():
     k = EXACT_DP_MAX_K + 4
     pred, target = torch.randn(6, k, 3, dtype=torch.float64), torch.randn(6, k, 3, dtype=torch.float64)
     valid = torch.rand(6, k) > 0.2
     torch.testing.assert_close(w2_sets(pred, target, valid), reference(pred, target, valid), rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="K <= "):
+        w2_exact(pred, target, valid, method="dp")
 
 
 def test_permutation_invariance():
@@ -64,7 +67,8 @@ def test_gradcheck_exact():
     pred = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
     target = torch.randn(4, 5, 2, dtype=torch.float64, requires_grad=True)
     valid = torch.tensor([[1, 1, 1, 0, 1]] * 4, dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda p, t: w2_sets(p, t, valid), (pred, target))
+    for method in ("dp", "hungarian"):
+        assert torch.autograd.gradcheck(lambda p, t: w2_exact(p, t, valid, method), (pred, target))
 
 
 def test_sinkhorn_approaches_exact_and_sliced_exact_in_1d():

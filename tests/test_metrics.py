@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from eval import metrics
+from eval.digits_classifier import DigitsClassifier, load_classifier
+
+
+def gaussian_fd(mu1, var1, mu2, var2):
+    return float(((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * np.sqrt(var1 * var2)).sum())
+
+
+def test_frechet_distance_matches_torch_fidelity_and_closed_form():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))
+    b = rng.normal(loc=0.3, size=(1500, 16)) @ rng.normal(size=(16, 16))
+    ours = metrics.frechet_distance(a, b)
+    stats = [{"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)} for x in (a, b)]
+    ref = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    assert ours == pytest.approx(ref, rel=1e-6)
+    # Diagonal Gaussians: exact value from moments.
+    a = rng.normal(size=(200_000, 4)) * [1, 2, 3, 4]
+    b = rng.normal(size=(200_000, 4)) * [2, 2, 1, 1] + [1, 0, 0, 0]
+    assert metrics.frechet_distance(a, b) == pytest.approx(gaussian_fd(np.array([0] * 4), np.array([1, 4, 9, 16]),
+                                                                       np.array([1, 0, 0, 0]), np.array([4, 4, 1, 1])), rel=0.02)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
+
+
+def test_kid_and_precision_recall_behave():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
+    far = rng.normal(loc=5, size=(500, 8))
+    assert abs(metrics.kernel_inception_distance(a, b)) < 0.01 < metrics.kernel_inception_distance(a, far)
+    assert metrics.kernel_inception_distance(a, b) == metrics.kernel_inception_distance(a, b)  # seeded
+    p, r = metrics.precision_recall(a, b)
+    assert p > 0.8 and r > 0.8
+    p, r = metrics.precision_recall(far, b)
+    assert p < 0.05 and r < 0.05
+
+
+def test_committed_classifier_accuracy_and_batch_size_independence():
+    from core.config import DataConfig
+    from core.data import ImageData
+
+    test = ImageData(DataConfig(resolution=16, split="test"))
+    x, y = test.images(range(len(test))), np.array(test.labels)
+    feats, probs = metrics.classifier_outputs(x, 16, batch_size=500)
+    assert (probs.argmax(1) == y).mean() >= 0.97
+    feats_small, _ = metrics.classifier_outputs(x, 16, batch_size=7)
+    np.testing.assert_allclose(feats, feats_small, rtol=1e-5, atol=1e-6)
+
+
+def test_proxy_metrics_separate_real_from_noise():
+    from core.config import DataConfig
+    from core.data import ImageData
+
+    train, test = ImageData(DataConfig(split="train")), ImageData(DataConfig(split="test"))
+    real, held = train.images(range(500)), test.images(range(500))
+    same = metrics.digits_proxy_metrics(held, real, labels=np.array(test.labels))
+    noise = metrics.digits_proxy_metrics(torch.rand(500, 1, 16, 16) * 2 - 1, real)
+    assert same["fd_digits"] < 0.1 * noise["fd_digits"]
+    assert same["prompt_acc"] >= 0.97 and same["confident_digits"] > 0.9
+    assert metrics.perceptual_distance_digits(held[:4], held[:4]).max() < 1e-9
+    assert (metrics.perceptual_distance_digits(held[:4], held[4:8]) > 0).all()
+
+
+def test_masked_mse_and_psnr():
+    a, b = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    b[:, :, :2] = 1.0  # differs only in the top half
+    top = torch.zeros(1, 1, 4, 4)
+    top[..., :2, :] = 1
+    np.testing.assert_allclose(metrics.masked_mse(a, b, top), [1.0, 1.0])
+    np.testing.assert_allclose(metrics.masked_mse(a, b, 1 - top), [0.0, 0.0])
+    assert metrics.psnr(np.array([1.0]))[0] == pytest.approx(10 * np.log10(4))
+
+
+def test_missing_weights_stop_with_the_file_name(tmp_path, monkeypatch):
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path))
+    with pytest.raises(metrics.MissingWeightsError, match="inception-2015-12-05.pt.*CONPREDIFF_WEIGHTS"):
+        metrics.clean_fid_feature_extractor("cpu")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(metrics.MissingWeightsError, match="alexnet-owt-7be5be79.pth"):
+        metrics.lpips_alex()
+
+
+def test_missing_classifier_weights_say_how_to_make_them():
+    with pytest.raises(FileNotFoundError, match="python -m eval.digits_classifier --resolution 12"):
+        load_classifier(12)
+    assert isinstance(DigitsClassifier()(torch.zeros(1, 1, 16, 16)), torch.Tensor)
