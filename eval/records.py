@@ -1,0 +1,73 @@
+"""Result records: one JSON line per measured number, appended atomically to ``results/records.jsonl``.
+
+A record says what was run and how it was measured, so every number in ``tables/`` and
+``figures/`` traces back to a run of this code. ``load_records`` refuses records with missing
+fields, naming them and their line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from core.runlog import append_jsonl, git_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "results" / "records.jsonl"
+
+REQUIRED = (
+    "experiment",  # unconditional | text_to_image | inpainting | stride_ablation | decoding_ablation | backbones
+    "benchmark",  # e.g. digits16, celebahq256, digits16/wide (inpainting: dataset/mask)
+    "method",  # baseline | conprediff | a variant label (strides-12, explicit, ...)
+    "scale",  # smoke | mini | paper | mini-gpu ...
+    "preset",
+    "seed",  # training seed
+    "metric",  # protocol in the name: fd_digits_1k, fid30k_cleanfid, lpips_alex, ...
+    "value",
+    "n_samples",
+    "checkpoint",  # training step of the weights used
+    "ema",
+    "sampler",  # e.g. ddim-50, repaint-250-j10-r10
+    "reference",  # what generated images were compared with, and its hash
+    "backend",  # metric implementation and version
+    "git_commit",
+    "time",
+)
+
+
+class RecordError(ValueError):
+    pass
+
+
+def make_record(**fields) -> dict:
+    """A complete record: ``git_commit`` and ``time`` are filled in; missing fields raise."""
+    rec = {"git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise RecordError(f"record is missing field(s): {', '.join(missing)}")
+    return rec
+
+
+def append_record(record: dict, path: str | Path = RECORDS) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, make_record(**record))
+
+
+def load_records(path: str | Path = RECORDS) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{n}: not a JSON line ({e})") from None
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise RecordError(f"{path}:{n}: record is missing field(s): {', '.join(missing)}")
+        out.append(rec)
+    return out

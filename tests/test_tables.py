@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.records import RecordError, append_record, load_records
+from eval.tables import write_tables
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_tables_match_golden_files_and_are_idempotent(tmp_path):
+    write_tables(FIXTURES / "records.jsonl", tmp_path)
+    expected = sorted(p.name for p in (FIXTURES / "expected_tables").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    for name in expected:
+        assert (tmp_path / name).read_text() == (FIXTURES / "expected_tables" / name).read_text(), name
+    first = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    write_tables(FIXTURES / "records.jsonl", tmp_path)
+    assert first == {p.name: p.read_text() for p in tmp_path.iterdir()}
+
+
+def test_golden_table_content():
+    text = (FIXTURES / "expected_tables" / "unconditional.md").read_text()
+    assert "| celebahq256 | conprediff | fid | 3.22 | 4 (n=1) |" in text
+    assert "| digits16 | conprediff | fd_digits ↓ | n/a | 8.5 ± 0.5 (n=3) | -2.5 ± 1.291 | better than baseline |" in text
+    assert "inconclusive" in (FIXTURES / "expected_tables" / "inpainting.md").read_text()
+
+
+def test_records_refuse_missing_fields(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(RecordError, match="missing field.*value"):
+        append_record({"experiment": "x"}, path)
+    assert not path.exists()
+    rec = json.loads((FIXTURES / "records.jsonl").read_text().splitlines()[0])
+    append_record(rec, path)
+    assert load_records(path)[0]["value"] == rec["value"]
+    del rec["benchmark"]
+    path.write_text(path.read_text() + json.dumps(rec) + "\n")
+    with pytest.raises(RecordError, match=r"r.jsonl:2: record is missing field\(s\): benchmark"):
+        load_records(path)
