@@ -22,7 +22,7 @@ from torch import nn
 
 
 class StrideLinear(nn.Module):
-    """S independent linear maps applied in one batched product: ``(..., S, Q, in) -> (..., S, Q, out)``."""
+    """S independent linear maps in one batched product: ``(S, M, in) -> (S, M, out)``."""
 
     def __init__(self, num_strides: int, in_features: int, out_features: int):
         super().__init__()
@@ -31,7 +31,7 @@ class StrideLinear(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...sqi,sio->...sqo", x, self.weight) + self.bias[:, None, :]
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
 
 class ContextDecoder(nn.Module):
@@ -63,17 +63,20 @@ class ContextDecoder(nn.Module):
         self.layers = nn.ModuleList(StrideLinear(num_strides, a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, features: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """``features (N, F)`` [, ``eps (N, S, Q, latent)`` the Gaussian draws] -> ``(N, S, Q, D)``."""
-        n = features.shape[0]
-        mu, log_sigma = self.heads(features).view(n, self.num_strides, 1, 2, self.latent_dim).unbind(-2)
+        """``features (N, F)`` [, ``eps (S, N, Q, latent)`` the Gaussian draws] -> ``(N, S, Q, D)``.
+
+        Computed stride-major, ``(S, N*Q, .)``, so each layer is one contiguous batched matmul.
+        """
+        n, s, q, l = features.shape[0], self.num_strides, self.num_samples, self.latent_dim
+        mu, log_sigma = self.heads(features).view(n, s, 2, l).permute(2, 1, 0, 3).contiguous().unsqueeze(3)  # (S,N,1,L)
         if eps is None:
-            eps = features.new_empty(n, self.num_strides, self.num_samples, self.latent_dim).normal_()
-        h = mu + log_sigma.clamp(-10, 5).exp() * eps  # (N, S, Q, latent)
+            eps = features.new_empty(s, n, q, l).normal_()
+        h = (mu + log_sigma.clamp(-10, 5).exp() * eps).view(s, n * q, l)
         for i, layer in enumerate(self.layers):
             h = layer(h)
             if i < len(self.layers) - 1:
                 h = torch.nn.functional.silu(h)
-        return h
+        return h.view(s, n, q, -1).transpose(0, 1)
 
 
 class ExplicitNeighborDecoder(nn.Module):

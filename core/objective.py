@@ -122,9 +122,9 @@ class ContextPrediction(nn.Module):
         feats, values, valid = feats.reshape(b * n, -1), values.reshape(b * n, s, k, d), valid.reshape(b * n, s, k)
         if isinstance(self.decoder, ContextDecoder):
             eps = None
-            if generators is not None:
-                eps = randn_per_image(generators, (n, s, k, self.decoder.latent_dim), features.device, features.dtype)
-                eps = eps.reshape(b * n, s, k, -1)
+            if generators is not None:  # (S, B*n, Q, L): image b's block drawn from generators[b]
+                draws = [torch.randn(s, n, k, self.decoder.latent_dim, generator=g, device=g.device) for g in generators]
+                eps = torch.stack(draws, 1).view(s, b * n, k, -1).to(features.device, features.dtype)
             pred = self.decoder(feats, eps=eps)
             dist = w2_sets(
                 pred, values, valid, self.cfg.solver, sinkhorn_reg=self.cfg.sinkhorn_reg,

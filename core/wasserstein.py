@@ -8,7 +8,8 @@ leaves i.i.d. samples), so every pair has equal sizes and the problem is an assi
 
 Solvers:
 
-* ``exact``: the optimal matching from SciPy's Hungarian solver (C, one call per set) on CPU,
+* ``exact``: for ``D = 1`` the sorted matching (optimal in one dimension); otherwise the
+  optimal matching from SciPy's Hungarian solver (C, one call per set) on CPU,
   or, on CUDA, from a dynamic programme over subsets of matched targets batched over all sets
   on the device (``O(K 2^K)`` per set, ``K <= EXACT_DP_MAX_K``, no host round-trip). Measured on
   2 CPU cores (benchmarks/RESULTS.md) the SciPy loop is ~3x faster than the DP on CPU, hence
@@ -106,11 +107,13 @@ def w2_exact(
     """Exact W2^2 per set: ``(..., K, D) x2 [, (..., K)] -> (...)``.
 
     ``method``: ``dp`` (batched subset DP, K <= EXACT_DP_MAX_K), ``hungarian`` (SciPy per set), or
-    ``auto`` (DP on CUDA when K allows, SciPy otherwise).
+    ``auto``: sorting for ``D = 1`` (exact in one dimension), the DP on CUDA when K allows, SciPy otherwise.
     """
     if method not in EXACT_METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(EXACT_METHODS)}")
     batch, (k, d) = pred.shape[:-2], pred.shape[-2:]
+    if d == 1 and method == "auto":
+        return w2_sorted_1d(pred, target, valid)
     p, t = pred.reshape(-1, k, d), target.reshape(-1, k, d)
     v = None if valid is None else valid.expand(*batch, k).reshape(-1, k)
     with torch.no_grad():
@@ -126,6 +129,20 @@ def w2_exact(
     count = v.sum(-1)
     total = torch.where(v, sq, torch.zeros_like(sq)).sum(-1)
     return (total / count.clamp(min=1)).reshape(batch)
+
+
+def w2_sorted_1d(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact W2^2 of 1-D sets (``D = 1``): the optimal matching pairs the sorted values."""
+    p, t = pred[..., 0], target[..., 0]
+    if valid is None:
+        return (p.sort(-1).values - t.sort(-1).values).pow(2).mean(-1)
+    big = torch.finfo(p.dtype).max
+    sp = torch.where(valid, p, torch.full_like(p, big)).sort(-1).values
+    st = torch.where(valid, t, torch.full_like(t, big)).sort(-1).values
+    count = valid.sum(-1)
+    first = torch.arange(p.shape[-1], device=p.device) < count.unsqueeze(-1)  # valid values sort first
+    sq = torch.where(first, sp - st, torch.zeros_like(sp)).pow(2)
+    return sq.sum(-1) / count.clamp(min=1)
 
 
 def w2_sinkhorn(
