@@ -75,6 +75,7 @@ class ModelConfig:
     mid_attention: bool = False  # attention in the UNet's middle block
     norm_num_groups: int = 8
     cross_attention_dim: int | None = None  # set for text-to-image (UNet2DConditionModel)
+    vae: str | None = None  # backbone=latent: folder of a diffusers AutoencoderKL or VQModel (frozen)
 
     def validate(self, p: str = "model") -> None:
         _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
@@ -159,6 +160,8 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         _choice("backbone", self.backbone, ("pixel", "latent", "discrete"))
+        _check("model.vae", (self.model.vae is not None) == (self.backbone == "latent"),
+               "set it (a diffusers AutoencoderKL/VQModel folder) exactly when backbone is 'latent'")
         for f in ("model", "diffusion", "context", "data", "train"):
             getattr(self, f).validate(f)
         return self

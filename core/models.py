@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .config import DiffusionConfig, ModelConfig
@@ -47,3 +50,42 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str):
     """DDIM or DDPM scheduler sharing the training scheduler's betas."""
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[sampler]
     return cls.from_config(train_scheduler.config)
+
+
+class Autoencoder:
+    """A frozen diffusers ``AutoencoderKL`` or ``VQModel`` mapping images <-> scaled latents."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        from diffusers import AutoencoderKL, VQModel
+
+        folder = Path(path).expanduser()
+        config = folder / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(
+                f"model.vae={path!r}: no diffusers autoencoder there (expected {config}). Put a diffusers "
+                "AutoencoderKL or VQModel folder there (save_pretrained layout), e.g. the `vqvae` of "
+                "CompVis/ldm-celebahq-256 for the LDM-4 presets, or train the mini one with "
+                "`python -m experiments.backbones.autoencoder`."
+            )
+        cls = VQModel if '"VQModel"' in config.read_text() else AutoencoderKL
+        self.model = cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        self.is_vq = cls is VQModel
+        self.scale = float(getattr(self.model.config, "scaling_factor", 1.0) or 1.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.is_vq:
+            return self.model.encode(images).latents * self.scale
+        return self.model.encode(images).latent_dist.mean * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latents / self.scale).sample.clamp(-1, 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)

@@ -116,9 +116,15 @@ def sample_pipeline(
     mine = todo[state.process_index :: state.num_processes]
     from tqdm.auto import tqdm
 
+    vae = None
+    if (Path(pipeline_dir) / "vae").exists():
+        from .models import Autoencoder
+
+        vae = Autoencoder(str(Path(pipeline_dir) / "vae"), state.device)
     for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="sampling"):
         batch = mine[i : i + batch_size]
-        images = to_uint8(denoise(unet, scheduler, batch, steps, state.device))
+        x = denoise(unet, scheduler, batch, steps, state.device)
+        images = to_uint8(vae.decode(x) if vae else x)
         for seed, img in zip(batch, images):
             save_png(img, out_dir / f"{seed:06d}.png")
     state.wait_for_everyone()

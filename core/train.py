@@ -35,7 +35,7 @@ from diffusers.training_utils import EMAModel
 
 from .config import ConfigError, RunConfig, apply_overrides, config_diff
 from .data import ImageData, global_batch_indices
-from .models import build_scheduler, build_unet, sampling_scheduler
+from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
 from .runlog import RunLog, append_jsonl, environment, read_jsonl, write_atomic
 
@@ -87,8 +87,14 @@ def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) ->
     return DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), context)
 
 
-def export_pipeline(unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path) -> Path:
-    """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder."""
+def export_pipeline(
+    unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None
+) -> Path:
+    """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder.
+
+    Unconditional pixel models load with ``DDPMPipeline.from_pretrained``; a latent model also gets
+    ``vae/`` (the frozen autoencoder), which ``core.sample`` uses to decode.
+    """
     from diffusers import DDPMPipeline
 
     unet = copy.deepcopy(unet).to("cpu")
@@ -101,6 +107,8 @@ def export_pipeline(unet: torch.nn.Module, ema: EMAModel | None, train_scheduler
     else:
         unet.save_pretrained(tmp / "unet")
         train_scheduler.save_pretrained(tmp / "scheduler")
+    if vae is not None:
+        vae.model.save_pretrained(tmp / "vae")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -115,6 +123,9 @@ def train(
     (as an interruption would); the next call resumes.
     """
     run_dir = Path(run_dir)
+    if cfg.backbone == "discrete":
+        raise ConfigError("backbone='discrete' trains through core.discrete's DiscreteTrainingModule; "
+                          "core.train handles 'pixel' and 'latent'")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     main = accelerator.is_main_process
     if main:
@@ -127,8 +138,11 @@ def train(
     tc = cfg.train
 
     data = ImageData(cfg.data)
+    vae = Autoencoder(cfg.model.vae, device) if cfg.backbone == "latent" else None
+    channels = vae.latent_channels if vae else cfg.data.channels
+    size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    module = build_training_module(cfg, cfg.data.channels, cfg.data.resolution)
+    module = build_training_module(cfg, channels, size)
     ema = EMAModel(module.unet.parameters(), decay=tc.ema_decay, model_cls=type(module.unet), model_config=module.unet.config)
     optimizer = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = "constant_with_warmup" if tc.lr_schedule == "constant" else tc.lr_schedule
@@ -170,6 +184,7 @@ def train(
             first = m * micro + rank * local_batch
             positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
             x0 = data.images(batch[first : first + local_batch]).to(device)
+            x0 = vae.encode(x0) if vae else x0
             gens = image_generators(tc.seed, step, positions)
             timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
             noise = randn_per_image(gens, x0.shape[1:], device)
@@ -210,7 +225,7 @@ def train(
     pipeline_dir = run_dir / "pipeline"
     finished = list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] >= tc.steps
     if finished and main and not (pipeline_dir / "model_index.json").exists() and not (pipeline_dir / "unet").exists():
-        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir)
+        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae)
         log(f"exported {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,232 @@
+"""What every experiment folder shares: presets, the three scales, and train -> sample -> evaluate -> record.
+
+An experiment folder defines ``PRESETS`` (paper rows: name, scale, method, benchmark, config
+overrides, and the number the paper reports) and calls :func:`main`. Scales:
+
+* ``smoke``: every preset (mini and paper) with a tiny model, a few steps and samples; paper presets
+  get a generated imagefolder and a random autoencoder in place of data and weights. Proves the
+  code path runs; measures nothing (records go to ``<runs>/smoke-records.jsonl``).
+* ``mini``: the mini presets on the embedded digits, 2-core CPU budgets, proxy metrics.
+* ``paper``: the paper presets on the user's prepared data, GPUs and standard metric weights.
+
+Every stage resumes: training from its last checkpoint, sampling skips existing PNGs, and a
+record already present (same preset, seed, metric, checkpoint, sample count) is not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import RunConfig, apply_overrides
+from core.data import ImageData
+from core.sample import load_png, sample_pipeline, save_grid
+from core.train import list_checkpoints, train
+from eval.records import RECORDS, ROOT, append_record, load_records
+
+SCALES = ("smoke", "mini", "paper")
+
+
+@dataclass
+class Preset:
+    """One row of a paper table, at one scale."""
+
+    name: str
+    scale: str  # mini | paper
+    method: str  # baseline | conprediff | a variant label
+    benchmark: str
+    config: dict
+    paper: str = "n/a"  # what the paper reports for this row
+    expected_minutes: float | None = None  # mini: measured on 2 CPU cores
+    num_samples: int = 1000
+    extra: dict = field(default_factory=dict)
+
+    def run_config(self, seed: int) -> RunConfig:
+        cfg = copy.deepcopy(self.config)
+        cfg.setdefault("train", {})["seed"] = seed
+        cfg["name"] = f"{self.name}-s{seed}"
+        return RunConfig.from_dict(cfg)
+
+
+SMOKE = [
+    "model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.layers_per_block=1", "model.attention=[]", "model.mid_attention=false",
+    "train.steps=3", "train.batch_size=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
+    "context.hidden_dim=8", "context.latent_dim=4", "diffusion.sampling_steps=2", "data.num_examples=16",
+]
+
+
+def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
+    """The preset shrunk to seconds; paper presets get generated stand-ins for data and weights."""
+    d = preset.run_config(seed).to_dict()
+    over = list(SMOKE)
+    if preset.scale == "paper":
+        over += [f"data.source={make_fake_imagefolder(workdir / 'fake-data', d['data']['channels'])}", "data.resolution=16"]
+        if d["backbone"] == "latent":
+            over.append(f"model.vae={make_random_autoencoder(workdir / 'random-vae', d['data']['channels'])}")
+        if d["model"].get("cross_attention_dim"):
+            over.append("model.attention=[false,true]")
+    return RunConfig.from_dict(apply_overrides(d, over))
+
+
+def make_fake_imagefolder(path: Path, channels: int, n: int = 16) -> Path:
+    """A tiny imagefolder of random PNGs with captions (smoke tests only)."""
+    from PIL import Image
+
+    if not (path / "metadata.jsonl").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        lines = []
+        for i in range(n):
+            arr = rng.integers(0, 256, (24, 24, 3) if channels == 3 else (24, 24), dtype=np.uint8)
+            Image.fromarray(arr).save(path / f"{i:03d}.png")
+            lines.append(json.dumps({"file_name": f"{i:03d}.png", "caption": f"random image {i}"}))
+        (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_random_autoencoder(path: Path, channels: int) -> Path:
+    """A randomly initialised tiny AutoencoderKL (smoke tests only; measures nothing)."""
+    from diffusers import AutoencoderKL
+
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        AutoencoderKL(
+            in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        ).save_pretrained(path)
+    return path
+
+
+def tensor_hash(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.float().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_samples(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([load_png(p) for p in paths])
+
+
+def recorded(records: list[dict], **key) -> bool:
+    return any(all(r.get(k) == v for k, v in key.items()) for r in records)
+
+
+def evaluate_unconditional(
+    experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path
+) -> list[dict]:
+    """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper)."""
+    step = list_checkpoints(run_dir)[-1][0]
+    sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
+    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits")
+    key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
+               scale=scale)
+    existing = load_records(records_path)
+    if all(recorded(existing, metric=m, **key) for m in metric_names):
+        return [r for r in existing if all(r.get(k) == v for k, v in key.items())]
+    paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples", range(num_samples), cfg.diffusion.sampler,
+                            cfg.diffusion.sampling_steps)
+    save_grid(paths[:64], run_dir / "grid.png")
+    if scale == "paper":
+        return [record_fid(experiment, preset, key, sampler, run_dir, records_path)]
+    fake = load_samples(paths)
+    from eval.metrics import digits_proxy_metrics
+
+    ref_cfg = copy.deepcopy(cfg.data)
+    ref_cfg.split, ref_cfg.num_examples = "train", None
+    real_data = ImageData(ref_cfg) if cfg.data.source == "digits" else None
+    if real_data is None or cfg.data.channels != 1:
+        return []  # smoke runs on stand-in data: nothing meaningful to measure
+    real = real_data.images(range(len(real_data)))
+    values = digits_proxy_metrics(fake, real)
+    import cleanfid
+    import torch_fidelity
+
+    backend = f"digits classifier r{cfg.data.resolution} + clean-fid {getattr(cleanfid, '__version__', '0.1.35')} " \
+              f"+ torch-fidelity {torch_fidelity.__version__}"
+    out = []
+    for metric in metric_names:
+        rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
+                   sampler=sampler, reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
+                   f"sha {tensor_hash(real)})", backend=backend)
+        append_record(rec, records_path)
+        out.append(rec)
+    return out
+
+
+def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir: Path, records_path: Path) -> dict:
+    """FID (clean-fid, Inception weights from eval.metrics.weights_dir()) against the benchmark's reference stats."""
+    from eval.fid_ref import reference_path
+    from eval.metrics import fid_folders
+
+    ref = reference_path(preset.benchmark)
+    if not ref.exists():
+        raise FileNotFoundError(f"FID reference statistics {ref} are missing: build them with "
+                                f"`python -m eval.fid_ref --data data/{preset.benchmark} --name {preset.benchmark}`")
+    value = fid_folders(run_dir / "samples", ref, "cuda" if torch.cuda.is_available() else "cpu")
+    n = key["n_samples"]
+    rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=f"fid{n // 1000}k_cleanfid" if n >= 1000 else "fid",
+               value=value, ema=True, sampler=sampler, reference=f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
+               backend="clean-fid 0.1.35 mode=clean, inception-2015-12-05.pt")
+    append_record(rec, records_path)
+    return rec
+
+
+def main(
+    experiment: str, presets: list[Preset], doc: str, argv: list[str] | None = None,
+    evaluate: Callable = evaluate_unconditional,
+) -> None:
+    names = "\n".join(f"  {p.name:40s} {p.scale:5s} paper: {p.paper}"
+                      + (f" (~{p.expected_minutes:g} min/seed on 2 CPU cores)" if p.expected_minutes else "")
+                      for p in presets)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{experiment}", description=doc + "\n\npresets:\n" + names,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scale", choices=SCALES, default="mini")
+    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2")
+    parser.add_argument("--presets", help="comma-separated subset of the scale's presets")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    parser.add_argument("--records", type=Path, help=f"records file (default {RECORDS.relative_to(ROOT)}; smoke: in runs-dir)")
+    parser.add_argument("--num-samples", type=int, help="override the preset's number of evaluation samples")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every preset (recorded in the run's config.yaml)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = [p for p in presets if args.scale == "smoke" or p.scale == args.scale]
+    if args.presets:
+        wanted = args.presets.split(",")
+        unknown = sorted(set(wanted) - {p.name for p in presets})
+        if unknown:
+            parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from: {', '.join(p.name for p in presets)}")
+        chosen = [p for p in chosen if p.name in wanted]
+    runs = args.runs_dir / experiment
+    records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
+    for preset in chosen:
+        for seed in seeds:
+            t0 = time.time()
+            if args.scale == "smoke":
+                cfg = smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins")
+                run_dir = runs / "smoke" / f"{preset.name}-s{seed}"
+                num_samples = 8  # enough for k-NN precision/recall (k = 3)
+            else:
+                cfg = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
+                run_dir = runs / f"{preset.name}-s{seed}"
+                num_samples = args.num_samples or preset.num_samples
+            print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
+            train(cfg, run_dir)
+            evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records)
+            print(f"== done in {time.time() - t0:.0f} s", flush=True)
+    if args.scale != "smoke":
+        from eval.tables import write_tables
+
+        write_tables(records)
+        table = ROOT / "tables" / f"{experiment}.md"
+        if table.exists():
+            print(table.read_text())
