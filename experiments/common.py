@@ -132,6 +132,10 @@ def evaluate_unconditional(
         return [r for r in existing if all(r.get(k) == v for k, v in key.items())]
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples", range(num_samples), cfg.diffusion.sampler,
                             cfg.diffusion.sampling_steps)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
+        return []
     save_grid(paths[:64], run_dir / "grid.png")
     if scale == "paper":
         return [record_fid(experiment, preset, key, sampler, run_dir, records_path)]

@@ -23,10 +23,10 @@ def test_bad_configs_name_the_key(bad, message):
 
 
 def test_round_trip_and_overrides():
-    d = apply_overrides({}, ["train.steps=7", "context.strides=[1,2]", "name=x"])
+    d = apply_overrides({}, ["train.steps=7", "context.strides=[1,2]", "name=x", "train.lr=1e-4"])
     cfg = RunConfig.from_dict(d)
-    assert cfg.train.steps == 7 and cfg.context.strides == (1, 2)
+    assert cfg.train.steps == 7 and cfg.context.strides == (1, 2) and cfg.train.lr == 1e-4
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert config_diff(cfg.to_dict(), RunConfig().to_dict()) == [
-        "context.strides: [1, 2] -> [1, 2, 3]", "name: 'x' -> 'run'", "train.steps: 7 -> 3000"
+        "context.strides: [1, 2] -> [1, 2, 3]", "name: 'x' -> 'run'", "train.lr: 0.0001 -> 0.001", "train.steps: 7 -> 3000"
     ]

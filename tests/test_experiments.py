@@ -1,0 +1,38 @@
+"""Every preset of every experiment folder runs end to end at smoke scale (measures nothing)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_train import ENV
+
+EXPERIMENTS = ["unconditional"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_help_lists_presets_with_paper_numbers(experiment):
+    out = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--help"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, check=True).stdout
+    assert "presets:" in out and "paper:" in out and "--scale" in out
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_runs_at_smoke_scale(experiment, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--scale", "smoke", "--runs-dir", str(tmp_path)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from importlib import import_module
+
+    presets = import_module(f"experiments.{experiment}").PRESETS
+    for preset in presets:
+        run = tmp_path / experiment / "smoke" / f"{preset.name}-s0"
+        assert (run / "pipeline" / "unet" / "config.json").exists(), preset.name
+        assert len(list((run / "samples").glob("*.png"))) == 8, preset.name
+    records = [json.loads(l) for l in (tmp_path / "smoke-records.jsonl").read_text().splitlines()]
+    mini = {p.name for p in presets if p.scale == "mini"}
+    assert {r["preset"] for r in records} == mini and all(r["scale"] == "smoke" for r in records)
+    assert not (ROOT / "results" / "records.jsonl").exists() or all(
+        json.loads(l)["scale"] != "smoke" for l in (ROOT / "results" / "records.jsonl").read_text().splitlines())
