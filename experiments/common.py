@@ -124,12 +124,13 @@ def evaluate_unconditional(
     """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper)."""
     step = list_checkpoints(run_dir)[-1][0]
     sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
-    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits")
+    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits", "step_time_s")
     key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
                scale=scale)
     existing = load_records(records_path)
-    if all(recorded(existing, metric=m, **key) for m in metric_names):
-        return [r for r in existing if all(r.get(k) == v for k, v in key.items())]
+    missing = [m for m in metric_names if not recorded(existing, metric=m, **key)]
+    if not missing:
+        return []
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples", range(num_samples), cfg.diffusion.sampler,
                             cfg.diffusion.sampling_steps)
     from accelerate import PartialState
@@ -139,29 +140,36 @@ def evaluate_unconditional(
     save_grid(paths[:64], run_dir / "grid.png")
     if scale == "paper":
         return [record_fid(experiment, preset, key, sampler, run_dir, records_path)]
-    fake = load_samples(paths)
+    if cfg.data.source != "digits" or cfg.data.channels != 1:
+        return []  # smoke runs on stand-in data: nothing meaningful to measure
     from eval.metrics import digits_proxy_metrics
 
     ref_cfg = copy.deepcopy(cfg.data)
     ref_cfg.split, ref_cfg.num_examples = "train", None
-    real_data = ImageData(ref_cfg) if cfg.data.source == "digits" else None
-    if real_data is None or cfg.data.channels != 1:
-        return []  # smoke runs on stand-in data: nothing meaningful to measure
-    real = real_data.images(range(len(real_data)))
-    values = digits_proxy_metrics(fake, real)
+    real = ImageData(ref_cfg).images(range(4500 if ref_cfg.source == "digits" else 0))
+    values = digits_proxy_metrics(load_samples(paths), real)
+    values["step_time_s"] = median_step_time(run_dir)
     import cleanfid
     import torch_fidelity
 
     backend = f"digits classifier r{cfg.data.resolution} + clean-fid {getattr(cleanfid, '__version__', '0.1.35')} " \
               f"+ torch-fidelity {torch_fidelity.__version__}"
     out = []
-    for metric in metric_names:
+    for metric in missing:
         rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
                    sampler=sampler, reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
-                   f"sha {tensor_hash(real)})", backend=backend)
+                   f"sha {tensor_hash(real)})", backend=backend if metric != "step_time_s" else
+                   "median of stats.jsonl step_time over the second half of training (wall clock, this machine)")
         append_record(rec, records_path)
         out.append(rec)
     return out
+
+
+def median_step_time(run_dir: Path) -> float:
+    """Median logged optimizer-step time over the second half of training (seconds)."""
+    rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    half = [r["step_time"] for r in rows[len(rows) // 2 :]]
+    return float(np.median(half)) if half else float("nan")
 
 
 def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir: Path, records_path: Path) -> dict:
@@ -180,6 +188,21 @@ def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir
                backend="clean-fid 0.1.35 mode=clean, inception-2015-12-05.pt")
     append_record(rec, records_path)
     return rec
+
+
+def keep_artifacts(experiment: str, run_dir: Path) -> None:
+    """Copy the run's training curve and sample grid under results/ (committed; figures are drawn from them)."""
+    import shutil
+
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    for src, sub in ((run_dir / "stats.jsonl", "curves"), (run_dir / "grid.png", "grids")):
+        if src.exists():
+            dst = ROOT / "results" / sub / experiment / f"{run_dir.name}{src.suffix}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
 
 def main(
@@ -226,6 +249,8 @@ def main(
             print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
             train(cfg, run_dir)
             evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records)
+            if args.scale != "smoke":
+                keep_artifacts(experiment, run_dir)
             print(f"== done in {time.time() - t0:.0f} s", flush=True)
     if args.scale != "smoke":
         from eval.tables import write_tables

@@ -39,3 +39,25 @@ def test_records_refuse_missing_fields(tmp_path):
     path.write_text(path.read_text() + json.dumps(rec) + "\n")
     with pytest.raises(RecordError, match=r"r.jsonl:2: record is missing field\(s\): benchmark"):
         load_records(path)
+
+
+def test_figures_are_deterministic(tmp_path):
+    import json
+
+    from eval.figures import decoding_efficiency, grouped
+    from eval.tables import summarize
+
+    base = json.loads((FIXTURES / "records.jsonl").read_text().splitlines()[0])
+    recs = []
+    for seed in range(2):
+        for method, fd, t in (("baseline", 10 + seed, 0.2), ("explicit", 9 + seed, 0.3), ("exact", 8 + seed, 0.35)):
+            recs.append(dict(base, experiment="decoding_ablation", method=method, seed=seed, metric="fd_digits", value=fd))
+            recs.append(dict(base, experiment="decoding_ablation", method=method, seed=seed, metric="step_time_s", value=t))
+            recs.append(dict(base, experiment="backbones", benchmark="pixel", method=method, seed=seed, metric="fd_digits", value=fd))
+    summary = summarize(recs)
+    for name, draw in (("fig4.png", lambda p: decoding_efficiency(summary, p)),
+                       ("fig5.png", lambda p: grouped(summary, "backbones", p, "t"))):
+        first = draw(tmp_path / name).read_bytes()
+        assert first[:8] == b"\x89PNG\r\n\x1a\n"
+        assert draw(tmp_path / name).read_bytes() == first
+    assert grouped(summary, "stride_ablation", tmp_path / "none.png", "t") is None

@@ -1,0 +1,151 @@
+"""Regenerate ``figures/*.png`` from committed results (records, training curves, sample grids).
+
+    python -m eval.figures
+
+* ``decoding_efficiency.png`` (paper Figure 4 analogue): quality per context-decoding variant as bars
+  (mean +- std over seeds), measured training time per step as a line on a second axis;
+* ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
+* ``stride_ablation.png``: quality per stride set;
+* ``curves_<experiment>.png``: point and context loss over training, one line per run;
+* ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
+Figures whose records do not exist yet are skipped (and listed). Output is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .records import RECORDS, ROOT, load_records  # noqa: E402
+from .tables import summarize  # noqa: E402
+
+RESULTS = ROOT / "results"
+SAVE = {"dpi": 120, "metadata": {"Software": None}}
+
+
+def _bars(ax, df: pd.DataFrame, label: str, color: str = "tab:blue"):
+    ax.bar(range(len(df)), df["mean"], yerr=df["std"].fillna(0), color=color, capsize=3)
+    ax.set_xticks(range(len(df)), [f"{m}\n(n={n})" for m, n in zip(df["method"], df["n"])], fontsize=8)
+    ax.set_ylabel(label)
+
+
+def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digits") -> Path | None:
+    d = summary[summary["experiment"] == "decoding_ablation"]
+    quality, timing = d[d["metric"] == metric], d[d["metric"] == "step_time_s"]
+    if quality.empty:
+        return None
+    quality = quality.sort_values("method").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _bars(ax, quality, f"{metric} (lower is better)")
+    if not timing.empty:
+        t = quality[["method"]].merge(timing, on="method", how="left")
+        ax2 = ax.twinx()
+        ax2.plot(range(len(t)), t["mean"], "o-", color="tab:red")
+        ax2.set_ylabel("training time per step (s)", color="tab:red")
+    ax.set_title(f"Context decoding variants ({quality['scale'].iloc[0]} scale)")
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+    return out
+
+
+def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metric: str = "fd_digits") -> Path | None:
+    d = summary[(summary["experiment"] == experiment) & (summary["metric"] == metric)]
+    if d.empty:
+        return None
+    benches = sorted(d["benchmark"].unique())
+    methods = sorted(d["method"].unique(), key=lambda m: (m != "baseline", m))
+    fig, ax = plt.subplots(figsize=(1.8 * len(benches) * max(1, len(methods) / 2) + 2, 4))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        rows = [d[(d["benchmark"] == b) & (d["method"] == method)] for b in benches]
+        means = [r["mean"].iloc[0] if len(r) else float("nan") for r in rows]
+        stds = [r["std"].fillna(0).iloc[0] if len(r) else 0 for r in rows]
+        ax.bar([i + j * width for i in range(len(benches))], means, width, yerr=stds, capsize=3, label=method)
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(benches))], benches)
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+    return out
+
+
+def curves(experiment: str, out: Path) -> Path | None:
+    files = sorted((RESULTS / "curves" / experiment).glob("*.jsonl"))
+    if not files:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1)
+        if "context_loss" in rows[0]:
+            axes[1].plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1)
+    axes[0].set(title="point (denoising) loss", xlabel="step", yscale="log")
+    axes[1].set(title="context loss (sum over strides of W2²)", xlabel="step")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+    return out
+
+
+def samples(experiment: str, out: Path) -> Path | None:
+    grids = sorted((RESULTS / "grids" / experiment).glob("*-s0.png"))
+    if not grids:
+        return None
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.6), squeeze=False)
+    for ax, g in zip(axes[0], grids):
+        ax.imshow(plt.imread(g), interpolation="nearest")
+        ax.set_title(g.stem, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+    return out
+
+
+def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
+    """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(load_records(records_path))
+    made, skipped = [], []
+    jobs = {
+        "decoding_efficiency.png": lambda p: decoding_efficiency(summary, p),
+        "backbones.png": lambda p: grouped(summary, "backbones", p, "Backbones with / without context prediction"),
+        "stride_ablation.png": lambda p: grouped(summary, "stride_ablation", p, "Stride sets"),
+    }
+    for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):
+        jobs[f"curves_{experiment}.png"] = lambda p, e=experiment: curves(e, p)
+        jobs[f"samples_{experiment}.png"] = lambda p, e=experiment: samples(e, p)
+    for name, job in jobs.items():
+        if job(out_dir / name):
+            made.append(out_dir / name)
+        else:
+            skipped.append(name)
+    return made, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=Path, default=RECORDS)
+    parser.add_argument("--out", type=Path, default=ROOT / "figures")
+    args = parser.parse_args(argv)
+    made, skipped = write_figures(args.records, args.out)
+    for p in made:
+        print(p)
+    for s in skipped:
+        print(f"skipped (no records yet): {s}")
+
+
+if __name__ == "__main__":
+    main()
