@@ -146,7 +146,8 @@ def evaluate_unconditional(
 
     ref_cfg = copy.deepcopy(cfg.data)
     ref_cfg.split, ref_cfg.num_examples = "train", None
-    real = ImageData(ref_cfg).images(range(4500 if ref_cfg.source == "digits" else 0))
+    real_data = ImageData(ref_cfg)
+    real = real_data.images(range(len(real_data)))
     values = digits_proxy_metrics(load_samples(paths), real)
     values["step_time_s"] = median_step_time(run_dir)
     import cleanfid
@@ -233,18 +234,17 @@ def main(
         if unknown:
             parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from: {', '.join(p.name for p in presets)}")
         chosen = [p for p in chosen if p.name in wanted]
-    runs = args.runs_dir / experiment
     records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
     for preset in chosen:
         for seed in seeds:
             t0 = time.time()
             if args.scale == "smoke":
                 cfg = smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins")
-                run_dir = runs / "smoke" / f"{preset.name}-s{seed}"
+                run_dir = args.runs_dir / "smoke" / f"{preset.name}-s{seed}"
                 num_samples = 8  # enough for k-NN precision/recall (k = 3)
             else:
                 cfg = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
-                run_dir = runs / f"{preset.name}-s{seed}"
+                run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
                 num_samples = args.num_samples or preset.num_samples
             print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
             train(cfg, run_dir)

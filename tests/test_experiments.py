@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_train import ENV
 
-EXPERIMENTS = ["unconditional"]
+EXPERIMENTS = ["unconditional", "stride_ablation", "decoding_ablation"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -28,7 +28,7 @@ def test_every_preset_runs_at_smoke_scale(experiment, tmp_path):
 
     presets = import_module(f"experiments.{experiment}").PRESETS
     for preset in presets:
-        run = tmp_path / experiment / "smoke" / f"{preset.name}-s0"
+        run = tmp_path / "smoke" / f"{preset.name}-s0"
         assert (run / "pipeline" / "unet" / "config.json").exists(), preset.name
         assert len(list((run / "samples").glob("*.png"))) == 8, preset.name
     records = [json.loads(l) for l in (tmp_path / "smoke-records.jsonl").read_text().splitlines()]

@@ -1,0 +1,36 @@
+"""Context decoding efficiency (paper Figure 4): how the neighborhood is decoded, quality vs cost.
+
+Variants, all else fixed on the unconditional 16x16 digits task: no context term (baseline), the
+naive explicit decoder (one regression head per neighbor position, order-sensitive L2), and the
+distribution decoder scored by exact W2 (ConPreDiff's), entropic Sinkhorn, or sliced W2. Each run
+records quality (``fd_digits``...) and its measured training time per step (``step_time_s``).
+The paper shows this as a figure without numeric values ("n/a").
+
+    python -m experiments.decoding_ablation --scale mini --seeds 0,1,2
+    python -m eval.figures     # -> figures/decoding_efficiency.png
+"""
+
+from __future__ import annotations
+
+from ..common import Preset
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+
+_base = {p.name: p for p in UNCONDITIONAL}
+
+
+def _variant(label: str, **context) -> Preset:
+    cfg = _with(MINI, context={"enabled": True, **context})
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg)
+
+
+PRESETS = [
+    _base["mini-digits16-baseline"],
+    _variant("explicit", decoder="explicit"),
+    _base["mini-digits16-conprediff"],  # distribution decoder + exact W2
+    _variant("sinkhorn", solver="sinkhorn"),
+    _variant("sliced", solver="sliced"),
+    Preset("paper-celebahq256-explicit", "paper", "explicit", "celebahq256",
+           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "decoder": "explicit"}), num_samples=50_000),
+    Preset("paper-celebahq256-sinkhorn", "paper", "sinkhorn", "celebahq256",
+           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "solver": "sinkhorn"}), num_samples=50_000),
+]

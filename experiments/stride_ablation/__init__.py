@@ -1,0 +1,39 @@
+"""Stride ablation (paper ablation table): which neighborhood strides S help.
+
+Mini scale: the unconditional 16x16 digits task with S in {1}, {1,2}, {1,2,3}, {1,2,3,4} (dilated 3x3
+rings) and {1,2,3} as full Chebyshev rings, all else fixed; the no-context baseline and S={1,2,3}
+are the unconditional table's runs (shared run directories). The paper reports no numbers for
+this ablation ("n/a"). Paper scale: the CelebA-HQ LDM-4 preset with the same stride sets.
+
+    python -m experiments.stride_ablation --scale mini --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+from ..common import Preset
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+
+_base = {p.name: p for p in UNCONDITIONAL}
+
+
+def _mini(label: str, strides: list[int], pattern: str = "dilated") -> Preset:
+    cfg = _with(MINI, context={"enabled": True, "strides": strides, "pattern": pattern})
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg)
+
+
+def _paper_row(label: str, strides: list[int]) -> Preset:
+    cfg = _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "strides": strides})
+    return Preset(f"paper-celebahq256-{label}", "paper", label, "celebahq256", cfg, num_samples=50_000)
+
+
+PRESETS = [
+    _base["mini-digits16-baseline"],
+    _mini("strides-1", [1]),
+    _mini("strides-12", [1, 2]),
+    _base["mini-digits16-conprediff"],  # strides 1,2,3 (method label "conprediff")
+    _mini("strides-1234", [1, 2, 3, 4]),
+    _mini("ring-123", [1, 2, 3], pattern="ring"),
+    _paper_row("strides-1", [1]),
+    _paper_row("strides-12", [1, 2]),
+    _paper_row("strides-1234", [1, 2, 3, 4]),
+]
