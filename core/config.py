@@ -76,6 +76,7 @@ class ModelConfig:
     norm_num_groups: int = 8
     cross_attention_dim: int | None = None  # set for text-to-image (UNet2DConditionModel)
     vae: str | None = None  # backbone=latent: folder of a diffusers AutoencoderKL or VQModel (frozen)
+    text_encoder: str | None = None  # text-to-image: "minilm" (offline PyPI package) or a transformers folder
 
     def validate(self, p: str = "model") -> None:
         _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
@@ -84,6 +85,8 @@ class ModelConfig:
         _check(f"{p}.attention", len(self.attention) in (0, len(self.block_out_channels)),
                f"empty or one flag per level ({len(self.block_out_channels)})")
         _check(f"{p}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+        _check(f"{p}.text_encoder", (self.text_encoder is None) == (self.cross_attention_dim is None),
+               "text_encoder and cross_attention_dim are set together (text-to-image) or not at all")
 
 
 @dataclass
@@ -93,6 +96,7 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"
     sampler: str = "ddim"
     sampling_steps: int = 50
+    guidance_scale: float = 1.0  # classifier-free guidance at sampling (text-to-image)
 
     def validate(self, p: str = "diffusion") -> None:
         _check(f"{p}.num_train_timesteps", self.num_train_timesteps >= 2, "must be >= 2")
@@ -131,6 +135,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     ema_decay: float = 0.999
     mixed_precision: str = "no"
+    cond_dropout: float = 0.1  # text-to-image: probability of training with the empty caption
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
     log_every: int = 10
@@ -142,6 +147,7 @@ class TrainConfig:
         _check(f"{p}.lr", self.lr > 0, "must be > 0")
         _check(f"{p}.warmup_steps", self.warmup_steps >= 0, "must be >= 0")
         _check(f"{p}.ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
+        _check(f"{p}.cond_dropout", 0 <= self.cond_dropout <= 1, "must be in [0, 1]")
         _choice(f"{p}.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _choice(f"{p}.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check(f"{p}.batch_size", self.batch_size % self.grad_accumulation == 0,
@@ -162,6 +168,8 @@ class RunConfig:
         _choice("backbone", self.backbone, ("pixel", "latent", "discrete"))
         _check("model.vae", (self.model.vae is not None) == (self.backbone == "latent"),
                "set it (a diffusers AutoencoderKL/VQModel folder) exactly when backbone is 'latent'")
+        _check("data.caption_column", (self.data.caption_column is not None) == (self.model.text_encoder is not None),
+               "set it (e.g. 'caption') exactly when model.text_encoder is set")
         for f in ("model", "diffusion", "context", "data", "train"):
             getattr(self, f).validate(f)
         return self

@@ -14,6 +14,7 @@ images and any number of processes produces the same files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,8 +102,14 @@ def sample_pipeline(
     sampler: str = "ddim",
     steps: int = 50,
     batch_size: int = 64,
+    prompts: Sequence[str] | None = None,
+    guidance_scale: float = 1.0,
 ) -> list[Path]:
-    """Sample the missing ``<seed>.png`` files of ``seeds`` into ``out_dir``; returns all their paths."""
+    """Sample the missing ``<seed>.png`` files of ``seeds`` into ``out_dir``; returns all their paths.
+
+    A text-conditional pipeline needs ``prompts`` (one per seed); ``guidance_scale`` > 1 applies
+    classifier-free guidance against the empty prompt.
+    """
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -112,6 +119,16 @@ def sample_pipeline(
     from diffusers import DDPMScheduler
 
     scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler)
+    seeds = list(seeds)
+    text = None
+    if (Path(pipeline_dir) / "text_encoder.json").exists():
+        from .text import TextEncoder
+
+        if prompts is None or len(prompts) != len(seeds):
+            raise ValueError("a text-conditional pipeline needs one prompt per seed")
+        name = json.loads((Path(pipeline_dir) / "text_encoder.json").read_text())["text_encoder"]
+        text = TextEncoder(name, state.device)
+    prompt_of = dict(zip(seeds, prompts)) if prompts is not None else {}
     todo = [s for s in seeds if not (out_dir / f"{s:06d}.png").exists()]
     mine = todo[state.process_index :: state.num_processes]
     from tqdm.auto import tqdm
@@ -123,7 +140,11 @@ def sample_pipeline(
         vae = Autoencoder(str(Path(pipeline_dir) / "vae"), state.device)
     for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="sampling"):
         batch = mine[i : i + batch_size]
-        x = denoise(unet, scheduler, batch, steps, state.device)
+        cond = uncond = None
+        if text is not None:
+            cond = text.encode([prompt_of[s] for s in batch])
+            uncond = text.encode([""] * len(batch))
+        x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale)
         images = to_uint8(vae.decode(x) if vae else x)
         for seed, img in zip(batch, images):
             save_png(img, out_dir / f"{seed:06d}.png")
@@ -153,8 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--grid", help="also write a grid PNG of the first 64 seeds here")
+    parser.add_argument("--prompt", action="append", help="text-conditional pipelines: prompt(s), cycled over the seeds")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
-    paths = sample_pipeline(args.pipeline, args.out, parse_seeds(args.seeds), args.sampler, args.steps, args.batch_size)
+    seeds = parse_seeds(args.seeds)
+    prompts = [args.prompt[i % len(args.prompt)] for i in range(len(seeds))] if args.prompt else None
+    paths = sample_pipeline(args.pipeline, args.out, seeds, args.sampler, args.steps, args.batch_size, prompts,
+                            args.guidance_scale)
     if args.grid:
         save_grid(paths[:64], args.grid)
 

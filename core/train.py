@@ -88,7 +88,8 @@ def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) ->
 
 
 def export_pipeline(
-    unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None
+    unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None,
+    text_encoder: str | None = None,
 ) -> Path:
     """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder.
 
@@ -102,13 +103,15 @@ def export_pipeline(
         ema.copy_to(unet.parameters())
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if unet.config.get("cross_attention_dim") is None or type(unet).__name__ == "UNet2DModel":
+    if type(unet).__name__ == "UNet2DModel":
         DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
     else:
         unet.save_pretrained(tmp / "unet")
         train_scheduler.save_pretrained(tmp / "scheduler")
     if vae is not None:
         vae.model.save_pretrained(tmp / "vae")
+    if text_encoder is not None:  # which frozen encoder the conditional UNet expects
+        (tmp / "text_encoder.json").write_text(json.dumps({"text_encoder": text_encoder}))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -141,6 +144,14 @@ def train(
     vae = Autoencoder(cfg.model.vae, device) if cfg.backbone == "latent" else None
     channels = vae.latent_channels if vae else cfg.data.channels
     size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
+    text = None
+    if cfg.model.text_encoder:
+        from .text import TextEncoder
+
+        text = TextEncoder(cfg.model.text_encoder, device)
+        if text.dim != cfg.model.cross_attention_dim:
+            raise ConfigError(f"model.cross_attention_dim={cfg.model.cross_attention_dim} must equal the text "
+                              f"encoder's hidden size {text.dim}")
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     module = build_training_module(cfg, channels, size)
     ema = EMAModel(module.unet.parameters(), decay=tc.ema_decay, model_cls=type(module.unet), model_config=module.unet.config)
@@ -188,9 +199,16 @@ def train(
             gens = image_generators(tc.seed, step, positions)
             timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
             noise = randn_per_image(gens, x0.shape[1:], device)
+            cond = None
+            if text is not None:  # caption dropout for classifier-free guidance, drawn per image
+                mine = batch[first : first + local_batch]
+                captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
+                            for i, g in zip(mine, gens)]
+                cond = text.encode(captions)
             sync = accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else _nullcontext()
             with sync:
-                losses = module(x0, noise, timesteps.to(device), generators=gens if inner.context is not None else None)
+                losses = module(x0, noise, timesteps.to(device), cond,
+                                generators=gens if inner.context is not None else None)
                 accelerator.backward(losses["loss"] / tc.grad_accumulation)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
@@ -225,7 +243,8 @@ def train(
     pipeline_dir = run_dir / "pipeline"
     finished = list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] >= tc.steps
     if finished and main and not (pipeline_dir / "model_index.json").exists() and not (pipeline_dir / "unet").exists():
-        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae)
+        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
+                        cfg.model.text_encoder)
         log(f"exported {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

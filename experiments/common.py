@@ -73,7 +73,7 @@ def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
         if d["backbone"] == "latent":
             over.append(f"model.vae={make_random_autoencoder(workdir / 'random-vae', d['data']['channels'])}")
         if d["model"].get("cross_attention_dim"):
-            over.append("model.attention=[false,true]")
+            over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.cross_attention_dim=384"]
     return RunConfig.from_dict(apply_overrides(d, over))
 
 
@@ -119,12 +119,19 @@ def recorded(records: list[dict], **key) -> bool:
 
 
 def evaluate_unconditional(
-    experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path
+    experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path,
+    prompts: list[str] | None = None, labels: list[int] | None = None,
 ) -> list[dict]:
-    """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper)."""
+    """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper).
+
+    Text-to-image passes one prompt per seed (and, for digits, the label each prompt names -> ``prompt_acc``).
+    """
     step = list_checkpoints(run_dir)[-1][0]
     sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
+    if cfg.diffusion.guidance_scale != 1.0:
+        sampler += f"-cfg{cfg.diffusion.guidance_scale:g}"
     metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits", "step_time_s")
+    metric_names += ("prompt_acc",) if labels is not None else ()
     key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
                scale=scale)
     existing = load_records(records_path)
@@ -132,7 +139,7 @@ def evaluate_unconditional(
     if not missing:
         return []
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples", range(num_samples), cfg.diffusion.sampler,
-                            cfg.diffusion.sampling_steps)
+                            cfg.diffusion.sampling_steps, prompts=prompts, guidance_scale=cfg.diffusion.guidance_scale)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
@@ -148,7 +155,7 @@ def evaluate_unconditional(
     ref_cfg.split, ref_cfg.num_examples = "train", None
     real_data = ImageData(ref_cfg)
     real = real_data.images(range(len(real_data)))
-    values = digits_proxy_metrics(load_samples(paths), real)
+    values = digits_proxy_metrics(load_samples(paths), real, None if labels is None else np.array(labels))
     values["step_time_s"] = median_step_time(run_dir)
     import cleanfid
     import torch_fidelity

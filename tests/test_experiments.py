@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_train import ENV
 
-EXPERIMENTS = ["unconditional", "stride_ablation", "decoding_ablation", "inpainting"]
+EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "decoding_ablation"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
