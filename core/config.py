@@ -77,6 +77,8 @@ class ModelConfig:
     cross_attention_dim: int | None = None  # set for text-to-image (UNet2DConditionModel)
     vae: str | None = None  # backbone=latent: folder of a diffusers AutoencoderKL or VQModel (frozen)
     text_encoder: str | None = None  # text-to-image: "minilm" (offline PyPI package) or a transformers folder
+    token_levels: int = 8  # backbone=discrete: grey levels per pixel (tokens), codebook = level centres
+    token_embed_dim: int = 32  # backbone=discrete: token embedding width fed to the UNet
 
     def validate(self, p: str = "model") -> None:
         _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
@@ -97,6 +99,7 @@ class DiffusionConfig:
     sampler: str = "ddim"
     sampling_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance at sampling (text-to-image)
+    aux_weight: float = 5e-4  # backbone=discrete: weight of the auxiliary x0 cross-entropy (VQ-Diffusion)
 
     def validate(self, p: str = "diffusion") -> None:
         _check(f"{p}.num_train_timesteps", self.num_train_timesteps >= 2, "must be >= 2")
@@ -168,6 +171,10 @@ class RunConfig:
         _choice("backbone", self.backbone, ("pixel", "latent", "discrete"))
         _check("model.vae", (self.model.vae is not None) == (self.backbone == "latent"),
                "set it (a diffusers AutoencoderKL/VQModel folder) exactly when backbone is 'latent'")
+        if self.backbone == "discrete":
+            _check("data.channels", self.data.channels == 1, "the discrete (quantised pixel) backbone takes 1 channel")
+            _check("model.token_levels", self.model.token_levels >= 2, "must be >= 2")
+            _check("model.text_encoder", self.model.text_encoder is None, "not supported with backbone='discrete'")
         _check("data.caption_column", (self.data.caption_column is not None) == (self.model.text_encoder is not None),
                "set it (e.g. 'caption') exactly when model.text_encoder is set")
         for f in ("model", "diffusion", "context", "data", "train"):

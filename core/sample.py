@@ -115,6 +115,8 @@ def sample_pipeline(
     state = PartialState(cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (Path(pipeline_dir) / "discrete.json").exists():
+        return sample_discrete(Path(pipeline_dir), out_dir, list(seeds), batch_size, state)
     unet = load_unet(Path(pipeline_dir)).to(state.device).eval()
     from diffusers import DDPMScheduler
 
@@ -147,6 +149,28 @@ def sample_pipeline(
         x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale)
         images = to_uint8(vae.decode(x) if vae else x)
         for seed, img in zip(batch, images):
+            save_png(img, out_dir / f"{seed:06d}.png")
+    state.wait_for_everyone()
+    return [out_dir / f"{s:06d}.png" for s in seeds]
+
+
+def sample_discrete(pipeline_dir: Path, out_dir: Path, seeds: list[int], batch_size: int, state) -> list[Path]:
+    """Ancestral mask-and-replace sampling of an exported discrete pipeline; tokens decoded to grey levels."""
+    from .discrete import MaskReplaceDiffusion, PixelQuantizer, TokenDenoiser
+
+    meta = json.loads((pipeline_dir / "discrete.json").read_text())
+    denoiser = TokenDenoiser(load_unet(pipeline_dir), meta["levels"])
+    denoiser.embed.load_state_dict(torch.load(pipeline_dir / "token_embedding.pt", weights_only=True))
+    denoiser = denoiser.to(state.device).eval()
+    diffusion = MaskReplaceDiffusion(meta["levels"], meta["num_timesteps"], aux_weight=meta["aux_weight"])
+    quant = PixelQuantizer(meta["levels"])
+    size = denoiser.unet.config.sample_size
+    todo = [s for s in seeds if not (out_dir / f"{s:06d}.png").exists()][state.process_index :: state.num_processes]
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i : i + batch_size]
+        gens = [torch.Generator().manual_seed(int(s)) for s in batch]
+        tokens = diffusion.sample(denoiser, (len(batch), size, size), gens, state.device)
+        for seed, img in zip(batch, to_uint8(quant.decode(tokens))):
             save_png(img, out_dir / f"{seed:06d}.png")
     state.wait_for_everyone()
     return [out_dir / f"{s:06d}.png" for s in seeds]

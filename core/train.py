@@ -87,6 +87,18 @@ def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) ->
     return DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), context)
 
 
+def build_discrete_module(cfg: RunConfig, sample_size: int):
+    """Token denoiser (a stock UNet on token embeddings) + mask-and-replace diffusion + optional context term."""
+    from .discrete import DiscreteTrainingModule, MaskReplaceDiffusion, PixelQuantizer, TokenDenoiser
+
+    levels = cfg.model.token_levels
+    unet = build_unet(cfg.model, sample_size, cfg.model.token_embed_dim, out_channels=levels)
+    diffusion = MaskReplaceDiffusion(levels, cfg.diffusion.num_train_timesteps, aux_weight=cfg.diffusion.aux_weight)
+    context = ContextPrediction(cfg.context, cfg.model.block_out_channels[0], 1) if cfg.context.enabled else None
+    return DiscreteTrainingModule(TokenDenoiser(unet, levels), diffusion, PixelQuantizer(levels).codebook, context,
+                                  cfg.context.weight)
+
+
 def export_pipeline(
     unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None,
     text_encoder: str | None = None,
@@ -126,9 +138,6 @@ def train(
     (as an interruption would); the next call resumes.
     """
     run_dir = Path(run_dir)
-    if cfg.backbone == "discrete":
-        raise ConfigError("backbone='discrete' trains through core.discrete's DiscreteTrainingModule; "
-                          "core.train handles 'pixel' and 'latent'")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     main = accelerator.is_main_process
     if main:
@@ -153,8 +162,9 @@ def train(
             raise ConfigError(f"model.cross_attention_dim={cfg.model.cross_attention_dim} must equal the text "
                               f"encoder's hidden size {text.dim}")
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    module = build_training_module(cfg, channels, size)
-    ema = EMAModel(module.unet.parameters(), decay=tc.ema_decay, model_cls=type(module.unet), model_config=module.unet.config)
+    discrete = cfg.backbone == "discrete"
+    module = build_discrete_module(cfg, size) if discrete else build_training_module(cfg, channels, size)
+    ema = EMAModel(ema_target(module).parameters(), decay=tc.ema_decay)
     optimizer = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = "constant_with_warmup" if tc.lr_schedule == "constant" else tc.lr_schedule
     lr_schedule = get_scheduler(schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
@@ -175,7 +185,7 @@ def train(
         write_atomic(run_dir / "env.json", json.dumps({**environment(), "num_processes": world}, indent=2))
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
         write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
-        n_unet = sum(p.numel() for p in inner.unet.parameters())
+        n_unet = sum(p.numel() for p in ema_target(inner).parameters())
         n_ctx = sum(p.numel() for p in inner.context.parameters()) if inner.context is not None else 0
         log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {world} x {local_batch} x "
             f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder {n_ctx:,}")
@@ -198,6 +208,13 @@ def train(
             x0 = vae.encode(x0) if vae else x0
             gens = image_generators(tc.seed, step, positions)
             timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
+            if discrete:
+                with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else _nullcontext():
+                    losses = module(quantize(x0, cfg.model.token_levels), timesteps.to(device), gens)
+                    accelerator.backward(losses["loss"] / tc.grad_accumulation)
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
+                continue
             noise = randn_per_image(gens, x0.shape[1:], device)
             cond = None
             if text is not None:  # caption dropout for classifier-free guidance, drawn per image
@@ -225,7 +242,7 @@ def train(
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step(inner.unet.parameters())
+        ema.step(ema_target(inner).parameters())
         done = step + 1
         if main and (done % tc.log_every == 0 or done == tc.steps):
             record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
@@ -242,13 +259,43 @@ def train(
 
     pipeline_dir = run_dir / "pipeline"
     finished = list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] >= tc.steps
-    if finished and main and not (pipeline_dir / "model_index.json").exists() and not (pipeline_dir / "unet").exists():
-        export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
-                        cfg.model.text_encoder)
+    if finished and main and not (pipeline_dir / "unet").exists():
+        if discrete:
+            export_discrete(inner, ema, cfg, pipeline_dir)
+        else:
+            export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
+                            cfg.model.text_encoder)
         log(f"exported {pipeline_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return pipeline_dir
+
+
+def ema_target(module: torch.nn.Module) -> torch.nn.Module:
+    """What EMA tracks and export keeps: the UNet (continuous) or the token denoiser (discrete)."""
+    return module.denoiser if hasattr(module, "denoiser") else module.unet
+
+
+def quantize(x0: torch.Tensor, levels: int) -> torch.Tensor:
+    from .discrete import PixelQuantizer
+
+    return PixelQuantizer(levels).encode(x0)
+
+
+def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path) -> Path:
+    """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
+    denoiser = copy.deepcopy(module.denoiser).to("cpu")
+    ema.copy_to(denoiser.parameters())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    denoiser.unet.save_pretrained(tmp / "unet")
+    torch.save(denoiser.embed.state_dict(), tmp / "token_embedding.pt")
+    (tmp / "discrete.json").write_text(json.dumps({
+        "levels": cfg.model.token_levels, "num_timesteps": cfg.diffusion.num_train_timesteps,
+        "aux_weight": cfg.diffusion.aux_weight}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
 
 
 class _nullcontext:

@@ -49,6 +49,7 @@ class Preset:
     expected_minutes: float | None = None  # mini: measured on 2 CPU cores
     num_samples: int = 1000
     extra: dict = field(default_factory=dict)
+    prepare: Callable[[], None] | None = None  # run before training at mini/paper scale (e.g. train an autoencoder)
 
     def run_config(self, seed: int) -> RunConfig:
         cfg = copy.deepcopy(self.config)
@@ -70,10 +71,13 @@ def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
     over = list(SMOKE)
     if preset.scale == "paper":
         over += [f"data.source={make_fake_imagefolder(workdir / 'fake-data', d['data']['channels'])}", "data.resolution=16"]
-        if d["backbone"] == "latent":
-            over.append(f"model.vae={make_random_autoencoder(workdir / 'random-vae', d['data']['channels'])}")
-        if d["model"].get("cross_attention_dim"):
-            over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.cross_attention_dim=384"]
+    if d["backbone"] == "latent":
+        channels = d['data']['channels']
+        over.append(f"model.vae={make_random_autoencoder(workdir / f'random-vae-c{channels}', channels)}")
+    if d["backbone"] == "discrete":
+        over += ["diffusion.num_train_timesteps=4", "diffusion.sampling_steps=4"]
+    if d["model"].get("cross_attention_dim"):
+        over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.cross_attention_dim=384"]
     return RunConfig.from_dict(apply_overrides(d, over))
 
 
@@ -128,6 +132,8 @@ def evaluate_unconditional(
     """
     step = list_checkpoints(run_dir)[-1][0]
     sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
+    if cfg.backbone == "discrete":
+        sampler = f"mask-replace-ancestral-{cfg.diffusion.num_train_timesteps}"
     if cfg.diffusion.guidance_scale != 1.0:
         sampler += f"-cfg{cfg.diffusion.guidance_scale:g}"
     metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits", "step_time_s")
@@ -254,6 +260,8 @@ def main(
                 run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
                 num_samples = args.num_samples or preset.num_samples
             print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
+            if preset.prepare is not None and args.scale != "smoke":
+                preset.prepare()
             train(cfg, run_dir)
             evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records)
             if args.scale != "smoke":

@@ -1,0 +1,45 @@
+"""Generality across backbones (paper Figure 5): each backbone with and without context prediction.
+
+Mini scale, 16x16 digits, same UNet widths and budgets: pixel DDPM (the unconditional table's runs),
+latent diffusion on an 8x8x2 autoencoder this repository trains (``experiments.backbones.autoencoder``),
+and discrete mask-and-replace diffusion on 8-level quantised pixels (``core.discrete``; context
+targets are the level values of the true tokens). Paper scale: the paper's backbones are LDM and
+Improved VQ-Diffusion; its Figure 5 gives no numeric values ("n/a").
+
+    python -m experiments.backbones --scale mini --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ..common import Preset
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from .autoencoder import AUTOENCODER, train_autoencoder
+
+_base = {p.name: p for p in UNCONDITIONAL}
+
+
+def _relabel(name: str, benchmark: str) -> Preset:
+    p = copy.deepcopy(_base[name])
+    p.benchmark = benchmark
+    return p
+
+
+MINI_LATENT = _with(MINI, backbone="latent", model={"vae": str(AUTOENCODER.relative_to(AUTOENCODER.parents[1]))})
+MINI_DISCRETE = _with(MINI, backbone="discrete", model={"token_levels": 8, "token_embed_dim": 32},
+                      diffusion={"num_train_timesteps": 100, "sampling_steps": 100})
+
+PRESETS = [
+    _relabel("mini-digits16-baseline", "pixel"),
+    _relabel("mini-digits16-conprediff", "pixel"),
+    Preset("mini-digits16-latent-baseline", "mini", "baseline", "latent", MINI_LATENT, prepare=train_autoencoder),
+    Preset("mini-digits16-latent-conprediff", "mini", "conprediff", "latent",
+           _with(MINI_LATENT, context={"enabled": True}), prepare=train_autoencoder),
+    Preset("mini-digits16-discrete-baseline", "mini", "baseline", "discrete", MINI_DISCRETE),
+    Preset("mini-digits16-discrete-conprediff", "mini", "conprediff", "discrete",
+           _with(MINI_DISCRETE, context={"enabled": True})),
+    Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "latent", _paper("celebahq256", 410_000, 48)),
+    Preset("paper-celebahq256-conprediff", "paper", "conprediff", "latent",
+           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True})),
+]
