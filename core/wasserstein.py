@@ -31,6 +31,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 SOLVERS = ("exact", "sinkhorn", "sliced")
+MASKED_LOG = -1e4
 EXACT_DP_MAX_K = 12
 
 
@@ -154,11 +155,13 @@ def w2_sinkhorn(
         valid = torch.ones(cost.shape[:-1], dtype=torch.bool, device=cost.device)
     valid = valid.expand(cost.shape[:-1])
     count = valid.sum(-1, keepdim=True).clamp(min=1)
-    log_w = torch.where(valid, -count.to(cost.dtype).log(), torch.full_like(cost[..., 0], -math.inf))
+    # Masked entries get a large *finite* negative log-weight (exp underflows to 0): -inf would give
+    # NaN gradients through logsumexp and torch.where even where the forward value is masked out.
+    log_w = torch.where(valid, -count.to(cost.dtype).log(), torch.full_like(cost[..., 0], MASKED_LOG))
     both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
     scale = reg * (torch.where(both, cost, torch.zeros_like(cost)).sum((-1, -2), keepdim=True) / count.unsqueeze(-1) ** 2)
     scale = scale.detach().clamp(min=1e-12)
-    log_k = torch.where(both, -cost / scale, torch.full_like(cost, -math.inf))
+    log_k = torch.where(both, -cost / scale, torch.full_like(cost, MASKED_LOG))
     f = torch.zeros_like(log_w)
     g = torch.zeros_like(log_w)
     for _ in range(iters):

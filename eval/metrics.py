@@ -4,7 +4,8 @@ Paper scale (standard weights, never downloaded at run time; a missing file stop
   * FID / KID through clean-fid (``mode="clean"``) with NVIDIA's Inception-v3 torchscript file
     ``inception-2015-12-05.pt``;
   * LPIPS through the ``lpips`` package (AlexNet, v0.1), which needs torchvision's
-    ``alexnet-owt-7be5be79.pth``.
+    ``alexnet-owt-7be5be79.pth``;
+  * CLIP score (ViT-L/14, a local transformers folder ``clip-vit-large-patch14``).
 Mini scale (offline proxies from :mod:`eval.digits_classifier`, never called FID or LPIPS):
   * ``fd_digits``, ``kid_digits``, ``precision_digits``/``recall_digits`` (k=3), ``confident_digits``
     (share of samples the classifier gives >= 0.9 probability), ``prompt_acc``;
@@ -176,3 +177,31 @@ def lpips_alex(device: str = "cpu"):
     import lpips
 
     return lpips.LPIPS(net="alex", version="0.1", verbose=False).to(device).eval()
+
+
+CLIP_DIR = "clip-vit-large-patch14"
+CLIP_URL = "https://huggingface.co/openai/clip-vit-large-patch14"
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: list[str], device: str = "cpu", batch_size: int = 64) -> float:
+    """Mean CLIP score, 100 * max(cos(image, text), 0) (torchmetrics' definition), with ViT-L/14.
+
+    ``images (N, 3, H, W)`` in [-1, 1]. The transformers folder ``clip-vit-large-patch14`` must be in
+    :func:`weights_dir` (its ``config.json`` is checked); nothing is downloaded.
+    """
+    folder = weights_dir() / CLIP_DIR
+    require_file("config.json", CLIP_URL, folder, f"CLIP score (the transformers folder {CLIP_DIR})")
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    scores = []
+    for i in range(0, len(images), batch_size):
+        pixels = ((images[i : i + batch_size].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        inputs = processor(text=prompts[i : i + batch_size], images=list(pixels), return_tensors="pt", padding=True,
+                           truncation=True).to(device)
+        img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
+        txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]), dim=-1)
+        scores.append((100 * (img * txt).sum(-1)).clamp(min=0))
+    return float(torch.cat(scores).mean())

@@ -83,6 +83,8 @@ def test_missing_weights_stop_with_the_file_name(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(metrics.MissingWeightsError, match="alexnet-owt-7be5be79.pth"):
         metrics.lpips_alex()
+    with pytest.raises(metrics.MissingWeightsError, match="clip-vit-large-patch14"):
+        metrics.clip_score(torch.zeros(1, 3, 8, 8), ["a"])
 
 
 def test_missing_classifier_weights_say_how_to_make_them():

@@ -86,3 +86,15 @@ def test_sinkhorn_approaches_exact_and_sliced_exact_in_1d():
 def test_bad_solver():
     with pytest.raises(ValueError, match="allowed"):
         w2_sets(torch.randn(2, 8, 1), torch.randn(2, 8, 1), solver="hungarian")
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn", "sliced"])
+@pytest.mark.parametrize("d", [1, 3])
+def test_masked_gradients_are_finite(solver, d):
+    pred = torch.randn(64, 8, d, requires_grad=True)
+    valid = torch.rand(64, 8) > 0.5
+    valid[0] = False  # a set with no valid point
+    w = w2_sets(pred, torch.randn(64, 8, d), valid, solver=solver)
+    w.sum().backward()
+    assert torch.isfinite(w).all() and torch.isfinite(pred.grad).all()
+    assert w[0] == 0 and (pred.grad[0] == 0).all()
