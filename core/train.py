@@ -62,7 +62,12 @@ def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     """Refuse to resume a run whose saved config differs, listing the keys, unless allowed."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        diff = config_diff(yaml.safe_load(saved.read_text()), cfg.to_dict())
+        old = yaml.safe_load(saved.read_text())
+        try:  # keys added to the schema since the run started take their defaults
+            old = RunConfig.from_dict(old).to_dict()
+        except ConfigError:
+            pass
+        diff = config_diff(old, cfg.to_dict())
         if diff and not allow_change:
             raise ConfigError(
                 f"{run_dir} was started with a different config; differing keys:\n  " + "\n  ".join(diff)

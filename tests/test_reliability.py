@@ -91,3 +91,17 @@ def test_sampling_resumes_without_duplicates(tmp_path):
     # Regenerated image equals the original (seeded per image, independent of batch composition).
     fresh = sample_pipeline(tmp_path / "run" / "pipeline", tmp_path / "fresh", [2], steps=2)
     assert fresh[0].read_bytes() == second[2].read_bytes()
+
+
+def test_keys_added_to_the_schema_later_do_not_block_resume(tmp_path):
+    import yaml
+
+    from core.config import ConfigError, RunConfig
+    from core.train import check_config
+
+    d = RunConfig().to_dict()
+    del d["train"]["cond_dropout"]  # a run started before this key existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+    check_config(tmp_path, RunConfig(), allow_change=False)
+    with pytest.raises(ConfigError, match="train.steps: 3000 -> 5"):
+        check_config(tmp_path, RunConfig.from_dict({"train": {"steps": 5}}), allow_change=False)
