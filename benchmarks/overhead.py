@@ -27,8 +27,8 @@ from core.models import build_scheduler, build_unet  # noqa: E402
 from core.objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image  # noqa: E402
 
 MODELS = {
-    "mini 16x16x1": (ModelConfig(block_out_channels=(32, 64), layers_per_block=1), 16, 1, 64),
-    "LDM-4 width, 32x32x4 latents": (
+    "mini-16x16x1": (ModelConfig(block_out_channels=(32, 64), layers_per_block=1), 16, 1, 64),
+    "ldm4-width-32x32x4": (
         ModelConfig(block_out_channels=(224, 448, 672, 896), layers_per_block=2, attention=(False, True, True, True),
                     mid_attention=True, norm_num_groups=32), 32, 4, 8),
 }

@@ -84,15 +84,17 @@ def curves(experiment: str, out: Path) -> Path | None:
     if not files:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for f in files:
+    for k, f in enumerate(files):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1)
+        steps, color = [r["step"] for r in rows], f"C{k % 10}"  # one colour per run on both panels
+        axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
         if "context_loss" in rows[0]:
-            axes[1].plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1)
+            axes[1].plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1, color=color)
     axes[0].set(title="point (denoising) loss", xlabel="step", yscale="log")
     axes[1].set(title="context loss (sum over strides of W2²)", xlabel="step")
     axes[0].legend(fontsize=6)
+    if axes[1].lines:
+        axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, **SAVE)
     plt.close(fig)
