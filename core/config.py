@@ -118,6 +118,7 @@ class DataConfig:
     split: str = "train"
     caption_column: str | None = None  # for text-to-image
     num_examples: int | None = None  # use the first N examples only
+    skip_corrupt: bool = False  # drop undecodable images (reported with a count) instead of stopping
 
     def validate(self, p: str = "data") -> None:
         _check(f"{p}.resolution", self.resolution >= 4, "must be >= 4")

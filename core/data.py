@@ -106,11 +106,30 @@ class ImageData:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.ds = load_image_dataset(cfg)
+        self.skipped: list[str] = []
+        if cfg.skip_corrupt:
+            self.ds = self._drop_corrupt(self.ds)
         self.captions = list(self.ds[cfg.caption_column]) if cfg.caption_column else None
         self.labels = list(self.ds["label"]) if "label" in self.ds.column_names else None
         self._cache = None
         if len(self.ds) * cfg.channels * cfg.resolution**2 <= self.PRELOAD_MAX_PIXELS:
             self._cache = self._decode(range(len(self.ds)))
+
+    def _drop_corrupt(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """Decode every image once; keep the good ones and report the rest."""
+        good = []
+        for i, item in enumerate(ds.select_columns(["image"])["image"]):
+            try:
+                decode_image(item, 4, self.cfg.channels)
+                good.append(i)
+            except DataError:
+                self.skipped.append(item.get("path") or f"index {i}")
+        if self.skipped:
+            print(f"data: skipped {len(self.skipped)} undecodable image(s) (data.skip_corrupt=true), e.g. "
+                  + ", ".join(self.skipped[:3]), flush=True)
+        if not good:
+            raise DataError(f"data.source={self.cfg.source!r}: no decodable image")
+        return ds.select(good)
 
     def __len__(self) -> int:
         return len(self.ds)

@@ -67,6 +67,8 @@ def test_corrupt_empty_and_missing_data(tmp_path):
     (good / "3.png").write_bytes((good / "0.png").read_bytes()[:40])  # truncated file
     with pytest.raises(DataError, match="3.png"):
         ImageData(DataConfig(source=str(good), resolution=8))
+    tolerant = ImageData(DataConfig(source=str(good), resolution=8, skip_corrupt=True))
+    assert len(tolerant) == 3 and len(tolerant.skipped) == 1 and tolerant.skipped[0].endswith("3.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
         ImageData(DataConfig(source=str(tmp_path / "empty")))
