@@ -119,6 +119,7 @@ class DataConfig:
     caption_column: str | None = None  # for text-to-image
     num_examples: int | None = None  # use the first N examples only
     skip_corrupt: bool = False  # drop undecodable images (reported with a count) instead of stopping
+    allow_upscale: bool = False  # accept images smaller than resolution (e.g. 28 px digits at 32 px)
 
     def validate(self, p: str = "data") -> None:
         _check(f"{p}.resolution", self.resolution >= 4, "must be >= 4")

@@ -80,8 +80,12 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
     return ds.cast_column("image", datasets.Image(decode=False))
 
 
-def decode_image(item: dict, resolution: int, channels: int) -> torch.Tensor:
-    """``{"bytes", "path"}`` -> ``(C, R, R)`` float in [-1, 1]: center crop to square, bicubic resize."""
+def decode_image(item: dict, resolution: int, channels: int, allow_upscale: bool = True) -> torch.Tensor:
+    """``{"bytes", "path"}`` -> ``(C, R, R)`` float in [-1, 1]: center crop to square, bicubic resize.
+
+    Grey images are converted to RGB (and back) to match ``channels``; an image smaller than
+    ``resolution`` is an error unless ``allow_upscale``.
+    """
     name = item.get("path") or "<in-memory image>"
     try:
         img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
@@ -91,6 +95,9 @@ def decode_image(item: dict, resolution: int, channels: int) -> torch.Tensor:
     img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
     side = min(w, h)
+    if side < resolution and not allow_upscale:
+        raise DataError(f"image {name} is {w}x{h}, smaller than data.resolution={resolution}; prepare the data at "
+                        f">= {resolution} px, lower data.resolution, or set data.allow_upscale=true")
     img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
     if side != resolution:
         img = img.resize((resolution, resolution), Image.BICUBIC)
@@ -136,7 +143,8 @@ class ImageData:
 
     def _decode(self, indices) -> torch.Tensor:
         items = self.ds.select_columns(["image"])[list(indices)]["image"]
-        return torch.stack([decode_image(it, self.cfg.resolution, self.cfg.channels) for it in items])
+        upscale = self.cfg.allow_upscale
+        return torch.stack([decode_image(it, self.cfg.resolution, self.cfg.channels, upscale) for it in items])
 
     def images(self, indices) -> torch.Tensor:
         """``(len(indices), C, R, R)`` in [-1, 1]."""

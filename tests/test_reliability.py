@@ -64,6 +64,9 @@ def test_corrupt_empty_and_missing_data(tmp_path):
     for i in range(3):
         Image.new("L", (20, 20), color=i * 50).save(good / f"{i}.png")
     assert ImageData(DataConfig(source=str(good), resolution=8)).images([0, 1]).shape == (2, 1, 8, 8)
+    with pytest.raises(DataError, match="smaller than data.resolution=32.*allow_upscale"):
+        ImageData(DataConfig(source=str(good), resolution=32))
+    assert ImageData(DataConfig(source=str(good), resolution=32, allow_upscale=True)).images([0]).shape == (1, 1, 32, 32)
     (good / "3.png").write_bytes((good / "0.png").read_bytes()[:40])  # truncated file
     with pytest.raises(DataError, match="3.png"):
         ImageData(DataConfig(source=str(good), resolution=8))
