@@ -85,7 +85,8 @@ def test_point_fraction_and_solvers_run():
 
 
 def test_conditional_unet_with_context():
-    cfg = RunConfig.from_dict({"model": {"cross_attention_dim": 16, "attention": [False, True]}})
+    cfg = RunConfig.from_dict({"model": {"cross_attention_dim": 16, "attention": [False, True], "text_encoder": "minilm"},
+                               "data": {"caption_column": "caption"}})
     unet = build_unet(cfg.model, 16, 1)
     module = DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), ContextPrediction(cfg.context, 32, 1))
     x0 = torch.randn(2, 1, 16, 16)
