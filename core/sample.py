@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,27 @@ def load_png(path: Path) -> torch.Tensor:
     arr = np.asarray(Image.open(path))
     arr = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def write_missing_pngs(
+    out_dir: Path, keys: Sequence[int], batch_size: int, render: Callable[[list[int]], np.ndarray], state
+) -> list[Path]:
+    """Write ``<out_dir>/<key:06d>.png`` for the keys that lack one, this process's share, ``batch_size`` at a time.
+
+    ``render(batch_keys)`` returns ``(B, H, W, C)`` uint8 images; every image depends on its key only,
+    so any process count and any interruption give the same files. Returns the paths of all ``keys``.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [k for k in keys if not (out_dir / f"{k:06d}.png").exists()]
+    mine = todo[state.process_index :: state.num_processes]
+    for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc=f"writing {out_dir.name}"):
+        batch = mine[i : i + batch_size]
+        for key, img in zip(batch, render(batch)):
+            save_png(img, out_dir / f"{key:06d}.png")
+    state.wait_for_everyone()
+    return [out_dir / f"{k:06d}.png" for k in keys]
 
 
 def load_unet(pipeline_dir: Path):
@@ -113,15 +134,13 @@ def sample_pipeline(
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, seeds = Path(out_dir), list(seeds)
     if (Path(pipeline_dir) / "discrete.json").exists():
-        return sample_discrete(Path(pipeline_dir), out_dir, list(seeds), batch_size, state)
+        return sample_discrete(Path(pipeline_dir), out_dir, seeds, batch_size, state)
     unet = load_unet(Path(pipeline_dir)).to(state.device).eval()
     from diffusers import DDPMScheduler
 
     scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler)
-    seeds = list(seeds)
     text = None
     if (Path(pipeline_dir) / "text_encoder.json").exists():
         from .text import TextEncoder
@@ -131,27 +150,21 @@ def sample_pipeline(
         name = json.loads((Path(pipeline_dir) / "text_encoder.json").read_text())["text_encoder"]
         text = TextEncoder(name, state.device)
     prompt_of = dict(zip(seeds, prompts)) if prompts is not None else {}
-    todo = [s for s in seeds if not (out_dir / f"{s:06d}.png").exists()]
-    mine = todo[state.process_index :: state.num_processes]
-    from tqdm.auto import tqdm
-
     vae = None
     if (Path(pipeline_dir) / "vae").exists():
         from .models import Autoencoder
 
         vae = Autoencoder(str(Path(pipeline_dir) / "vae"), state.device)
-    for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="sampling"):
-        batch = mine[i : i + batch_size]
+
+    def render(batch: list[int]) -> np.ndarray:
         cond = uncond = None
         if text is not None:
             cond = text.encode([prompt_of[s] for s in batch])
             uncond = text.encode([""] * len(batch))
         x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale)
-        images = to_uint8(vae.decode(x) if vae else x)
-        for seed, img in zip(batch, images):
-            save_png(img, out_dir / f"{seed:06d}.png")
-    state.wait_for_everyone()
-    return [out_dir / f"{s:06d}.png" for s in seeds]
+        return to_uint8(vae.decode(x) if vae else x)
+
+    return write_missing_pngs(out_dir, seeds, batch_size, render, state)
 
 
 def sample_discrete(pipeline_dir: Path, out_dir: Path, seeds: list[int], batch_size: int, state) -> list[Path]:
@@ -165,15 +178,12 @@ def sample_discrete(pipeline_dir: Path, out_dir: Path, seeds: list[int], batch_s
     diffusion = MaskReplaceDiffusion(meta["levels"], meta["num_timesteps"], aux_weight=meta["aux_weight"])
     quant = PixelQuantizer(meta["levels"])
     size = denoiser.unet.config.sample_size
-    todo = [s for s in seeds if not (out_dir / f"{s:06d}.png").exists()][state.process_index :: state.num_processes]
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i : i + batch_size]
+
+    def render(batch: list[int]) -> np.ndarray:
         gens = [torch.Generator().manual_seed(int(s)) for s in batch]
-        tokens = diffusion.sample(denoiser, (len(batch), size, size), gens, state.device)
-        for seed, img in zip(batch, to_uint8(quant.decode(tokens))):
-            save_png(img, out_dir / f"{seed:06d}.png")
-    state.wait_for_everyone()
-    return [out_dir / f"{s:06d}.png" for s in seeds]
+        return to_uint8(quant.decode(diffusion.sample(denoiser, (len(batch), size, size), gens, state.device)))
+
+    return write_missing_pngs(out_dir, seeds, batch_size, render, state)
 
 
 def save_grid(paths: Sequence[Path], out: str | Path, columns: int = 8, scale: int = 2) -> Path:

@@ -11,7 +11,7 @@ import torch
 from core.config import RunConfig
 from core.data import ImageData
 from core.inpaint import MASK_KINDS, make_mask, repaint
-from core.sample import load_png, load_unet, save_png, to_uint8
+from core.sample import load_png, load_unet, to_uint8, write_missing_pngs
 from core.train import list_checkpoints
 from eval.records import append_record, load_records
 
@@ -44,18 +44,15 @@ def evaluate_inpainting(
                    scale=scale, benchmark=f"{preset.benchmark}/{kind}")
         if all(recorded(existing, metric=m, **key) for m in METRICS):
             continue
-        folder = run_dir / "inpainting" / sampler / kind
-        folder.mkdir(parents=True, exist_ok=True)
         masks = torch.stack([make_mask(kind, images.shape[-1], seed=i) for i in range(n)])
-        todo = [i for i in range(n) if not (folder / f"{i:06d}.png").exists()][state.process_index :: state.num_processes]
-        for chunk in [todo[i : i + 100] for i in range(0, len(todo), 100)]:
-            result = repaint(unet, sched_config, images[chunk], masks[chunk], chunk, steps, jump, resample, state.device)
-            for i, img in zip(chunk, to_uint8(result)):
-                save_png(img, folder / f"{i:06d}.png")
-        state.wait_for_everyone()
+
+        def render(chunk: list[int]) -> np.ndarray:
+            return to_uint8(repaint(unet, sched_config, images[chunk], masks[chunk], chunk, steps, jump, resample,
+                                    state.device))
+
+        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), 100, render, state)
         if not state.is_main_process:
             continue
-        paths = [folder / f"{i:06d}.png" for i in range(n)]
         save_grid(paths[:16], run_dir / "inpainting" / f"{kind}.png", columns=8)
         done = torch.stack([load_png(p) for p in paths])
         values = inpainting_metrics(done, images, masks, scale)
