@@ -20,6 +20,7 @@ across process counts and resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -118,20 +119,27 @@ def export_pipeline(
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet.parameters())
+    with atomic_dir(out_dir) as tmp:
+        if type(unet).__name__ == "UNet2DModel":
+            DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
+        else:
+            unet.save_pretrained(tmp / "unet")
+            train_scheduler.save_pretrained(tmp / "scheduler")
+        if vae is not None:
+            vae.model.save_pretrained(tmp / "vae")
+        if text_encoder is not None:  # which frozen encoder the conditional UNet expects
+            (tmp / "text_encoder.json").write_text(json.dumps({"text_encoder": text_encoder}))
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path):
+    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir`` in one rename."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if type(unet).__name__ == "UNet2DModel":
-        DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
-    else:
-        unet.save_pretrained(tmp / "unet")
-        train_scheduler.save_pretrained(tmp / "scheduler")
-    if vae is not None:
-        vae.model.save_pretrained(tmp / "vae")
-    if text_encoder is not None:  # which frozen encoder the conditional UNet expects
-        (tmp / "text_encoder.json").write_text(json.dumps({"text_encoder": text_encoder}))
+    yield tmp
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return out_dir
 
 
 def train(
@@ -214,23 +222,18 @@ def train(
             gens = image_generators(tc.seed, step, positions)
             timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
             if discrete:
-                with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else _nullcontext():
-                    losses = module(quantize(x0, cfg.model.token_levels), timesteps.to(device), gens)
-                    accelerator.backward(losses["loss"] / tc.grad_accumulation)
-                for k, v in losses.items():
-                    totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
-                continue
-            noise = randn_per_image(gens, x0.shape[1:], device)
-            cond = None
-            if text is not None:  # caption dropout for classifier-free guidance, drawn per image
-                mine = batch[first : first + local_batch]
-                captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
-                            for i, g in zip(mine, gens)]
-                cond = text.encode(captions)
-            sync = accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else _nullcontext()
-            with sync:
-                losses = module(x0, noise, timesteps.to(device), cond,
-                                generators=gens if inner.context is not None else None)
+                inputs = (quantize(x0, cfg.model.token_levels), timesteps.to(device), gens)
+            else:
+                noise = randn_per_image(gens, x0.shape[1:], device)
+                cond = None
+                if text is not None:  # caption dropout for classifier-free guidance, drawn per image
+                    mine = batch[first : first + local_batch]
+                    captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
+                                for i, g in zip(mine, gens)]
+                    cond = text.encode(captions)
+                inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
+            with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():
+                losses = module(*inputs)
                 accelerator.backward(losses["loss"] / tc.grad_accumulation)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
@@ -291,24 +294,13 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path) -> Pat
     """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
     denoiser = copy.deepcopy(module.denoiser).to("cpu")
     ema.copy_to(denoiser.parameters())
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    denoiser.unet.save_pretrained(tmp / "unet")
-    torch.save(denoiser.embed.state_dict(), tmp / "token_embedding.pt")
-    (tmp / "discrete.json").write_text(json.dumps({
-        "levels": cfg.model.token_levels, "num_timesteps": cfg.diffusion.num_train_timesteps,
-        "aux_weight": cfg.diffusion.aux_weight}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        denoiser.unet.save_pretrained(tmp / "unet")
+        torch.save(denoiser.embed.state_dict(), tmp / "token_embedding.pt")
+        (tmp / "discrete.json").write_text(json.dumps({
+            "levels": cfg.model.token_levels, "num_timesteps": cfg.diffusion.num_train_timesteps,
+            "aux_weight": cfg.diffusion.aux_weight}))
     return out_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
