@@ -63,9 +63,11 @@ def image_generators(seed: int, step: int, indices: Sequence[int], device: torch
     return gens
 
 
-def randn_per_image(gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
-    """``(len(gens), *shape)`` standard normals, image b drawn from ``gens[b]``."""
-    return torch.stack([torch.randn(*shape, generator=g, device=g.device, dtype=dtype) for g in gens]).to(device)
+def randn_per_image(
+    gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32, dim: int = 0
+) -> torch.Tensor:
+    """Standard normals, image b's block drawn from ``gens[b]``, stacked along ``dim`` (``len(gens)`` there)."""
+    return torch.stack([torch.randn(*shape, generator=g, device=g.device, dtype=dtype) for g in gens], dim).to(device)
 
 
 def posterior_mean_coefficients(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +124,9 @@ class ContextPrediction(nn.Module):
         feats, values, valid = feats.reshape(b * n, -1), values.reshape(b * n, s, k, d), valid.reshape(b * n, s, k)
         if isinstance(self.decoder, ContextDecoder):
             eps = None
-            if generators is not None:  # (S, B*n, Q, L): image b's block drawn from generators[b]
-                draws = [torch.randn(s, n, k, self.decoder.latent_dim, generator=g, device=g.device) for g in generators]
-                eps = torch.stack(draws, 1).view(s, b * n, k, -1).to(features.device, features.dtype)
+            if generators is not None:  # (S, B*n, Q, L), stride-major as the decoder computes
+                eps = randn_per_image(generators, (s, n, k, self.decoder.latent_dim), features.device, dim=1)
+                eps = eps.view(s, b * n, k, -1).to(features.dtype)
             pred = self.decoder(feats, eps=eps)
             dist = w2_sets(
                 pred, values, valid, self.cfg.solver, sinkhorn_reg=self.cfg.sinkhorn_reg,
