@@ -11,6 +11,7 @@ unconditional samples. These are proxies: never FID, never LPIPS. Trained on the
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def weights_path(resolution: int) -> Path:
     return WEIGHTS_DIR / f"digits_r{resolution}.pt"
 
 
+@functools.lru_cache(maxsize=4)
 def load_classifier(resolution: int) -> DigitsClassifier:
+    """The committed classifier for ``resolution``, loaded once per process (eval mode, not to be trained)."""
     path = weights_path(resolution)
     if not path.exists():
         raise FileNotFoundError(

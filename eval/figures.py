@@ -14,7 +14,6 @@ Figures whose records do not exist yet are skipped (and listed). Output is deter
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -23,11 +22,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core.runlog import read_jsonl  # noqa: E402
+
 from .records import RECORDS, ROOT, load_records  # noqa: E402
 from .tables import summarize  # noqa: E402
 
 RESULTS = ROOT / "results"
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+    return out
 
 
 def _bars(ax, df: pd.DataFrame, label: str, color: str = "tab:blue"):
@@ -50,10 +58,7 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         ax2.plot(range(len(t)), t["mean"], "o-", color="tab:red")
         ax2.set_ylabel("training time per step (s)", color="tab:red")
     ax.set_title(f"Context decoding variants ({quality['scale'].iloc[0]} scale)")
-    fig.tight_layout()
-    fig.savefig(out, **SAVE)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metric: str = "fd_digits") -> Path | None:
@@ -73,10 +78,7 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metri
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, **SAVE)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def curves(experiment: str, out: Path) -> Path | None:
@@ -85,7 +87,7 @@ def curves(experiment: str, out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for k, f in enumerate(files):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(f)
         steps, color = [r["step"] for r in rows], f"C{k % 10}"  # one colour per run on both panels
         axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
         if "context_loss" in rows[0]:
@@ -95,10 +97,7 @@ def curves(experiment: str, out: Path) -> Path | None:
     axes[0].legend(fontsize=6)
     if axes[1].lines:
         axes[1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, **SAVE)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def samples(experiment: str, out: Path) -> Path | None:
@@ -110,10 +109,7 @@ def samples(experiment: str, out: Path) -> Path | None:
         ax.imshow(plt.imread(g), interpolation="nearest")
         ax.set_title(g.stem, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, **SAVE)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:

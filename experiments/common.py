@@ -22,6 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 
 from core.config import RunConfig, apply_overrides
 from core.data import ImageData
+from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
 from core.train import list_checkpoints, train
 from eval.records import RECORDS, ROOT, append_record, load_records
@@ -163,11 +165,8 @@ def evaluate_unconditional(
     real = real_data.images(range(len(real_data)))
     values = digits_proxy_metrics(load_samples(paths), real, None if labels is None else np.array(labels))
     values["step_time_s"] = median_step_time(run_dir)
-    import cleanfid
-    import torch_fidelity
-
-    backend = f"digits classifier r{cfg.data.resolution} + clean-fid {getattr(cleanfid, '__version__', '0.1.35')} " \
-              f"+ torch-fidelity {torch_fidelity.__version__}"
+    backend = f"digits classifier r{cfg.data.resolution} + clean-fid {version('clean-fid')} " \
+              f"+ torch-fidelity {version('torch-fidelity')}"
     out = []
     for metric in missing:
         rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
@@ -181,7 +180,7 @@ def evaluate_unconditional(
 
 def median_step_time(run_dir: Path) -> float:
     """Median logged optimizer-step time over the second half of training (seconds)."""
-    rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / "stats.jsonl")
     half = [r["step_time"] for r in rows[len(rows) // 2 :]]
     return float(np.median(half)) if half else float("nan")
 
@@ -199,7 +198,7 @@ def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir
     n = key["n_samples"]
     rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=f"fid{n // 1000}k_cleanfid" if n >= 1000 else "fid",
                value=value, ema=True, sampler=sampler, reference=f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
-               backend="clean-fid 0.1.35 mode=clean, inception-2015-12-05.pt")
+               backend=f"clean-fid {version('clean-fid')} mode=clean, inception-2015-12-05.pt")
     append_record(rec, records_path)
     return rec
 
