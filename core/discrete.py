@@ -147,10 +147,10 @@ class DiscreteTrainingModule(nn.Module):
 
     def __init__(
         self, denoiser: TokenDenoiser, diffusion: MaskReplaceDiffusion, codebook: torch.Tensor,
-        context: ContextPrediction | None = None, context_weight: float = 1.0,
+        context: ContextPrediction | None = None,
     ):
         super().__init__()
-        self.denoiser, self.diffusion, self.context, self.context_weight = denoiser, diffusion, context, context_weight
+        self.denoiser, self.diffusion, self.context = denoiser, diffusion, context
         self.register_buffer("codebook", codebook.float())  # (K, D), fixed
         self.tap = FeatureTap(last_block(denoiser.unet)) if context is not None else None
 
@@ -163,11 +163,9 @@ class DiscreteTrainingModule(nn.Module):
         loss = losses["point_loss"]
         if self.context is not None:
             target_map = self.codebook[x0].permute(0, 3, 1, 2)  # (B, D, H, W)
-            ctx, per_stride = self.context(self.tap.pop(), target_map, generators)
-            loss = loss + self.context_weight * ctx
-            losses["context_loss"] = ctx
-            for s, v in zip(self.context.strides, per_stride):
-                losses[f"context_loss_s{s}"] = v
+            weighted, logged = self.context.terms(self.tap.pop(), target_map, generators)
+            loss = loss + weighted
+            losses.update(logged)
         losses["loss"] = loss
         return losses
 

@@ -139,6 +139,14 @@ class ContextPrediction(nn.Module):
         per_stride = (dist * has).sum(0) / has.sum(0).clamp(min=1)
         return per_stride.sum(), per_stride
 
+    def terms(
+        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(lambda * context loss, {"context_loss": ..., "context_loss_s<s>": ...})`` for a training module."""
+        ctx, per_stride = self(features, target_map, generators)
+        logged = {"context_loss": ctx, **{f"context_loss_s{s}": v for s, v in zip(self.strides, per_stride)}}
+        return self.cfg.weight * ctx, logged
+
     @staticmethod
     def _gens(generators, b):
         return generators if generators is not None else [None] * b
@@ -183,10 +191,8 @@ class DiffusionTrainingModule(nn.Module):
                     c0, ct = posterior_mean_coefficients(self.scheduler, timesteps)
                     view = (-1,) + (1,) * (x0.dim() - 1)
                     target_map = c0.view(view) * x0 + ct.view(view) * x_t
-            ctx, per_stride = self.context(self.tap.pop(), target_map.float(), generators)
-            loss = loss + self.context.cfg.weight * ctx
-            losses["context_loss"] = ctx
-            for s, v in zip(self.context.strides, per_stride):
-                losses[f"context_loss_s{s}"] = v
+            weighted, logged = self.context.terms(self.tap.pop(), target_map.float(), generators)
+            loss = loss + weighted
+            losses.update(logged)
         losses["loss"] = loss
         return losses

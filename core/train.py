@@ -101,8 +101,7 @@ def build_discrete_module(cfg: RunConfig, sample_size: int):
     unet = build_unet(cfg.model, sample_size, cfg.model.token_embed_dim, out_channels=levels)
     diffusion = MaskReplaceDiffusion(levels, cfg.diffusion.num_train_timesteps, aux_weight=cfg.diffusion.aux_weight)
     context = ContextPrediction(cfg.context, cfg.model.block_out_channels[0], 1) if cfg.context.enabled else None
-    return DiscreteTrainingModule(TokenDenoiser(unet, levels), diffusion, PixelQuantizer(levels).codebook, context,
-                                  cfg.context.weight)
+    return DiscreteTrainingModule(TokenDenoiser(unet, levels), diffusion, PixelQuantizer(levels).codebook, context)
 
 
 def export_pipeline(
