@@ -331,14 +331,15 @@ def load_config(config: str | None, overrides: list[str]) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML preset (see experiments/*/presets/)")
+    parser.add_argument("--config", help="YAML config (default: the run directory's config.yaml when resuming)")
     parser.add_argument("--run-dir", required=True, help="run directory; re-running with the same one resumes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
     parser.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    saved = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(args.config or (str(saved) if saved.exists() else None), args.overrides)
     train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after)
 
 

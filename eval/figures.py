@@ -5,7 +5,7 @@
 * ``decoding_efficiency.png`` (paper Figure 4 analogue): quality per context-decoding variant as bars
   (mean +- std over seeds), measured training time per step as a line on a second axis;
 * ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
-* ``stride_ablation.png``: quality per stride set;
+* ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
 Figures whose records do not exist yet are skipped (and listed). Output is deterministic.
@@ -121,6 +121,7 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
         "decoding_efficiency.png": lambda p: decoding_efficiency(summary, p),
         "backbones.png": lambda p: grouped(summary, "backbones", p, "Backbones with / without context prediction"),
         "stride_ablation.png": lambda p: grouped(summary, "stride_ablation", p, "Stride sets"),
+        "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
     }
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):
         jobs[f"curves_{experiment}.png"] = lambda p, e=experiment: curves(e, p)

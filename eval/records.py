@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "records.jsonl"
 
 REQUIRED = (
-    "experiment",  # unconditional | text_to_image | inpainting | stride_ablation | decoding_ablation | backbones
+    "experiment",  # unconditional | text_to_image | inpainting | stride_ablation | weight_ablation | decoding_ablation | backbones
     "benchmark",  # e.g. digits16, celebahq256, digits16/wide (inpainting: dataset/mask)
     "method",  # baseline | conprediff | a variant label (strides-12, explicit, ...)
     "scale",  # smoke | mini | paper | mini-gpu ...

@@ -25,6 +25,7 @@ TABLES = {
     "text_to_image": "Text-to-image generation (paper Table 2)",
     "inpainting": "Inpainting (paper Table 3)",
     "stride_ablation": "Stride ablation (paper ablation table)",
+    "weight_ablation": "Context weight λ (not in the paper)",
     "decoding_ablation": "Context decoding efficiency (paper Figure 4, as a table)",
     "backbones": "Backbones with and without context prediction (paper Figure 5, as a table)",
 }

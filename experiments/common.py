@@ -203,8 +203,8 @@ def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir
     return rec
 
 
-def keep_artifacts(experiment: str, run_dir: Path) -> None:
-    """Copy the run's training curve and sample grid under results/ (committed; figures are drawn from them)."""
+def keep_artifacts(experiment: str, run_dir: Path, results: Path = ROOT / "results") -> None:
+    """Copy the run's training curve and sample grid under ``results`` (committed; figures are drawn from them)."""
     import shutil
 
     from accelerate import PartialState
@@ -213,7 +213,7 @@ def keep_artifacts(experiment: str, run_dir: Path) -> None:
         return
     for src, sub in ((run_dir / "stats.jsonl", "curves"), (run_dir / "grid.png", "grids")):
         if src.exists():
-            dst = ROOT / "results" / sub / experiment / f"{run_dir.name}{src.suffix}"
+            dst = results / sub / experiment / f"{run_dir.name}{src.suffix}"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
 
@@ -247,6 +247,9 @@ def main(
             parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from: {', '.join(p.name for p in presets)}")
         chosen = [p for p in chosen if p.name in wanted]
     records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
+    # Only runs recorded in the committed records file update results/ and tables/; any other
+    # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
+    home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
     for preset in chosen:
         for seed in seeds:
             t0 = time.time()
@@ -264,12 +267,12 @@ def main(
             train(cfg, run_dir)
             evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records)
             if args.scale != "smoke":
-                keep_artifacts(experiment, run_dir)
+                keep_artifacts(experiment, run_dir, home / "results")
             print(f"== done in {time.time() - t0:.0f} s", flush=True)
     if args.scale != "smoke":
         from eval.tables import write_tables
 
-        write_tables(records)
-        table = ROOT / "tables" / f"{experiment}.md"
+        write_tables(records, home / "tables")
+        table = home / "tables" / f"{experiment}.md"
         if table.exists():
             print(table.read_text())

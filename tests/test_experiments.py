@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_train import ENV
 
-EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "decoding_ablation", "backbones"]
+EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation", "backbones"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

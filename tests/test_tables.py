@@ -61,3 +61,15 @@ def test_figures_are_deterministic(tmp_path):
         assert first[:8] == b"\x89PNG\r\n\x1a\n"
         assert draw(tmp_path / name).read_bytes() == first
     assert grouped(summary, "stride_ablation", tmp_path / "none.png", "t") is None
+
+
+def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
+    """tables/ is exactly what `python -m eval.tables` makes of results/records.jsonl (no hand edits)."""
+    from eval.records import RECORDS, ROOT
+    from eval.tables import write_tables
+
+    written = write_tables(RECORDS, tmp_path)
+    for path in written:
+        committed = ROOT / "tables" / path.name
+        assert committed.exists(), f"{committed} is missing: run python -m eval.tables"
+        assert committed.read_text() == path.read_text(), f"{committed} differs from the records: run python -m eval.tables"

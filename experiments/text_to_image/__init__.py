@@ -17,7 +17,7 @@ from ..unconditional import MINI, _with
 
 MINI_T2I = _with(
     MINI,
-    model={"attention": [False, True], "cross_attention_dim": 384, "text_encoder": "minilm"},
+    model={"attention": [False, True, True], "cross_attention_dim": 384, "text_encoder": "minilm"},
     data={"caption_column": "caption"},
     train={"cond_dropout": 0.1},
     diffusion={"guidance_scale": 2.0},  # [choice]

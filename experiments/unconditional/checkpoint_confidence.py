@@ -1,0 +1,56 @@
+"""confident_digits of a run's EMA weights at each checkpoint still on disk: the tuning probe for mini budgets.
+
+    python -m experiments.unconditional.checkpoint_confidence runs/mini-digits16-baseline-s0 [--samples 512 --steps 25]
+
+Samples ``--samples`` images (seeds 0..N-1, DDIM ``--steps``) from the EMA weights saved with each
+checkpoint and prints one JSON line per checkpoint. Cheaper than a full evaluation (no FD, fewer
+samples), so it is a probe for choosing a step budget, not a result for the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def checkpoint_confidence(run_dir: Path, checkpoint: Path, samples: int, steps: int, batch: int = 128) -> float:
+    from diffusers import DDPMScheduler
+
+    from core.config import RunConfig
+    from core.models import build_unet
+    from core.sample import denoise, sampling_scheduler
+    from eval.metrics import classifier_outputs
+
+    import yaml
+
+    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).eval()
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", map_location="cpu", weights_only=False)
+    for p, s in zip(unet.parameters(), ema["shadow_params"], strict=True):
+        p.data.copy_(s)
+    base = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler")
+    x = torch.cat([denoise(unet, sampling_scheduler(base, "ddim"), range(i, min(samples, i + batch)), steps)
+                   for i in range(0, samples, batch)])
+    _, probs = classifier_outputs(x, cfg.data.resolution)
+    return float((probs.max(1) >= 0.9).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    from core.train import list_checkpoints
+
+    for step, path in list_checkpoints(args.run_dir):
+        value = checkpoint_confidence(args.run_dir, path, args.samples, args.steps)
+        print(json.dumps({"run": args.run_dir.name, "step": step, "confident_digits": value, "samples": args.samples,
+                          "sampler": f"ddim-{args.steps}"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Context weight λ (not a paper table; the paper does not state λ): how much context prediction to add.
+
+Mini scale: the unconditional 16x16 digits task with λ in {0 (the baseline), 0.01, 0.1, 1 (the
+default, the unconditional table's ConPreDiff row)}, all else fixed; the baseline and λ = 1 rows are
+the unconditional table's runs (shared run directories). Paper scale: the CelebA-HQ LDM-4 preset
+with λ = 0.1.
+
+    python -m experiments.weight_ablation --scale mini --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+from ..common import Preset
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+
+_base = {p.name: p for p in UNCONDITIONAL}
+
+
+def _mini(weight: float) -> Preset:
+    label = f"lambda-{weight:g}"
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", _with(MINI, context={"enabled": True, "weight": weight}))
+
+
+PRESETS = [
+    _base["mini-digits16-baseline"],
+    _mini(0.1),
+    _mini(0.01),
+    _base["mini-digits16-conprediff"],  # lambda = 1
+    Preset("paper-celebahq256-lambda-0.1", "paper", "lambda-0.1", "celebahq256",
+           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "weight": 0.1}), num_samples=50_000),
+]
