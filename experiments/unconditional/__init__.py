@@ -15,8 +15,8 @@ from ..common import Preset
 # Shared by every mini row: a 1.05 M-parameter UNet (16, 8 and 4 px levels), 16x16 digits, 2-core CPU budget.
 # [choice, tuned 2026-11-22 on seed 0 of the baseline, 500 samples] The third (4x4) level and the cosine
 # schedule raised confident_digits from 0.52 (two levels, linear, 1,500 steps) to 0.60; at 2,000 steps the
-# cosine three-level baseline reached 0.66, 2,500 -> see RESULTS.md. The step budget keeps one table
-# (6 runs) under an hour on 2 cores.
+# cosine three-level baseline reached 0.66; more steps gained little (0.71 at 2,500 and 3,000; results/tuning/).
+# The step budget keeps one table (6 runs) near an hour on 2 cores.
 MINI = {
     "backbone": "pixel",
     "model": {"block_out_channels": [32, 64, 64], "layers_per_block": 1},
@@ -59,10 +59,11 @@ def _paper(dataset: str, steps: int, batch: int) -> dict:
 
 
 PRESETS = [
-    # Minutes per seed: measured 2026-11-22 on 2 CPU cores (training, 1,000 samples, metrics; least loaded run).
-    Preset("mini-digits16-baseline", "mini", "baseline", "digits16", MINI, expected_minutes=10.5),
+    # Minutes per seed: mean of the 3 committed runs, 2026-11-22, 2 CPU cores, nothing else running
+    # (training, 1,000 samples, metrics). The 6-run table takes ~65 minutes.
+    Preset("mini-digits16-baseline", "mini", "baseline", "digits16", MINI, expected_minutes=9.9),
     Preset("mini-digits16-conprediff", "mini", "conprediff", "digits16",
-           _with(MINI, context={"enabled": True}), expected_minutes=12),
+           _with(MINI, context={"enabled": True}), expected_minutes=11.7),
     Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "celebahq256", _paper("celebahq256", 410_000, 48),
            paper="FID 5.11 (LDM-4, as cited)", num_samples=50_000),
     Preset("paper-celebahq256-conprediff", "paper", "conprediff", "celebahq256",
