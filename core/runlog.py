@@ -15,7 +15,8 @@ PACKAGES = ("torch", "diffusers", "accelerate", "datasets", "transformers", "num
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``<sha>`` or ``<sha>-dirty``; ``unknown`` outside a git checkout."""
+    """``<sha>`` or ``<sha>-dirty``; ``$CONPREDIFF_GIT_COMMIT`` or ``unknown`` outside a git checkout
+    (a copy of the tree shipped to another machine sets the variable to the sha it was copied from)."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -23,7 +24,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
                                text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+        return os.environ.get("CONPREDIFF_GIT_COMMIT", "unknown")
 
 
 def environment() -> dict:

@@ -8,6 +8,7 @@ fields, naming them and their line.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,18 @@ REQUIRED = (
     "git_commit",
     "time",
 )
+# Filled in by make_record when absent: where the run was trained and measured (step times and
+# other wall-clock metrics are only comparable within one device).
+OPTIONAL = ("device",)
+
+
+def device() -> str:
+    """The accelerator this process computes on: the CUDA device's name, else ``cpu (N cores)``."""
+    import torch  # here, not at the top: reading records needs no torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
 
 
 class RecordError(ValueError):
@@ -42,7 +55,7 @@ class RecordError(ValueError):
 
 def make_record(**fields) -> dict:
     """A complete record: ``git_commit`` and ``time`` are filled in; missing fields raise."""
-    rec = {"git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    rec = {"git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device(), **fields}
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
         raise RecordError(f"record is missing field(s): {', '.join(missing)}")

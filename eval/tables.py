@@ -48,15 +48,17 @@ def mean_std(mean: float, std: float, n: int) -> str:
 
 
 def summarize(records: list[dict]) -> pd.DataFrame:
-    """One row per (experiment, scale, benchmark, method, metric): mean, std, n, seeds."""
+    """One row per (experiment, scale, benchmark, method, metric): mean, std, n, seeds, devices."""
     cols = ["experiment", "scale", "benchmark", "method", "metric"]
     if not records:
-        return pd.DataFrame(columns=cols + ["mean", "std", "n", "seeds", "n_samples"])
+        return pd.DataFrame(columns=cols + ["mean", "std", "n", "seeds", "n_samples", "devices"])
     df = pd.DataFrame(records)
+    df["device"] = df["device"].fillna("") if "device" in df else ""
     g = df.groupby(cols, sort=True)
     out = g["value"].agg(mean="mean", std="std", n="count").reset_index()
     out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s)))).values
     out["n_samples"] = g["n_samples"].agg("max").values
+    out["devices"] = g["device"].agg(lambda s: "; ".join(sorted(set(s) - {""}))).values
     return out
 
 
@@ -105,7 +107,11 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame) -> str:
     # Other scales: ours, with the delta to the baseline.
     for scale in sorted(set(ours["scale"]) - {"paper"}):
         block = ours[ours["scale"] == scale]
-        lines += ["", f"## Scale: {scale}", "",
+        devices = sorted({d for ds in block["devices"] for d in ds.split("; ") if d})
+        lines += ["", f"## Scale: {scale}", ""]
+        if devices:  # step times are only comparable within one device
+            lines += [f"Trained and measured on: {', '.join(devices)}.", ""]
+        lines += [
                   "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline (± 2 SE) | Verdict |",
                   "|---|---|---|---|---|---|---|"]
         for r in block.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):

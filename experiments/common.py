@@ -126,11 +126,12 @@ def recorded(records: list[dict], **key) -> bool:
 
 def evaluate_unconditional(
     experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path,
-    prompts: list[str] | None = None, labels: list[int] | None = None,
+    prompts: list[str] | None = None, labels: list[int] | None = None, step_time: bool = True,
 ) -> list[dict]:
     """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper).
 
     Text-to-image passes one prompt per seed (and, for digits, the label each prompt names -> ``prompt_acc``).
+    ``step_time=False`` (runs that shared the machine) records no ``step_time_s``: it would measure the contention.
     """
     step = list_checkpoints(run_dir)[-1][0]
     sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
@@ -138,7 +139,8 @@ def evaluate_unconditional(
         sampler = f"mask-replace-ancestral-{cfg.diffusion.num_train_timesteps}"
     if cfg.diffusion.guidance_scale != 1.0:
         sampler += f"-cfg{cfg.diffusion.guidance_scale:g}"
-    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits", "step_time_s")
+    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits")
+    metric_names += ("step_time_s",) if step_time else ()
     metric_names += ("prompt_acc",) if labels is not None else ()
     key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
                scale=scale)
@@ -235,6 +237,8 @@ def main(
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     parser.add_argument("--records", type=Path, help=f"records file (default {RECORDS.relative_to(ROOT)}; smoke: in runs-dir)")
     parser.add_argument("--num-samples", type=int, help="override the preset's number of evaluation samples")
+    parser.add_argument("--shared-device", action="store_true",
+                        help="other runs share this machine at the same time: record no step_time_s (it would time the contention)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every preset (recorded in the run's config.yaml)")
     args = parser.parse_args(argv)
@@ -265,7 +269,7 @@ def main(
             if preset.prepare is not None and args.scale != "smoke":
                 preset.prepare()
             train(cfg, run_dir)
-            evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records)
+            evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records, step_time=not args.shared_device)
             if args.scale != "smoke":
                 keep_artifacts(experiment, run_dir, home / "results")
             print(f"== done in {time.time() - t0:.0f} s", flush=True)

@@ -73,3 +73,22 @@ def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
         committed = ROOT / "tables" / path.name
         assert committed.exists(), f"{committed} is missing: run python -m eval.tables"
         assert committed.read_text() == path.read_text(), f"{committed} differs from the records: run python -m eval.tables"
+
+
+def test_records_name_their_device_and_commit_outside_a_checkout(tmp_path, monkeypatch):
+    from core.runlog import git_commit
+    from eval.records import make_record
+
+    rec = make_record(**{k: 0 for k in ("experiment", "benchmark", "method", "scale", "preset", "seed", "metric",
+                                        "value", "n_samples", "checkpoint", "ema", "sampler", "reference", "backend")})
+    import re
+
+    import torch
+
+    assert rec["device"] == torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        re.fullmatch(r"cpu \(\d+ cores\)", rec["device"])
+    assert make_record(**dict(rec, device="NVIDIA H100 80GB HBM3"))["device"] == "NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "abc123")
+    assert git_commit(tmp_path) == "abc123"  # a copy of the tree with no .git (a lent GPU machine)
+    monkeypatch.delenv("CONPREDIFF_GIT_COMMIT")
+    assert git_commit(tmp_path) == "unknown"

@@ -21,7 +21,8 @@ METRICS = ("percep_digits", "mse_hole", "psnr_hole")
 
 
 def evaluate_inpainting(
-    experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path
+    experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path,
+    step_time: bool = True,  # accepted for the common signature; inpainting trains nothing, so it times nothing
 ) -> list[dict]:
     from accelerate import PartialState
     from diffusers import DDPMScheduler
