@@ -15,8 +15,11 @@ PACKAGES = ("torch", "diffusers", "accelerate", "datasets", "transformers", "num
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``<sha>`` or ``<sha>-dirty``; ``$CONPREDIFF_GIT_COMMIT`` or ``unknown`` outside a git checkout
-    (a copy of the tree shipped to another machine sets the variable to the sha it was copied from)."""
+    """``<sha>`` or ``<sha>-dirty``, else ``unknown``. ``$CONPREDIFF_GIT_COMMIT`` overrides both: a copy of
+    the tree shipped to another machine sets it to the commit it was copied from (the copy's own .git,
+    if any, may be stale)."""
+    if os.environ.get("CONPREDIFF_GIT_COMMIT"):
+        return os.environ["CONPREDIFF_GIT_COMMIT"]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -24,7 +27,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
                                text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return os.environ.get("CONPREDIFF_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:

@@ -191,6 +191,7 @@ def train(
     if checkpoints:
         start, path = checkpoints[-1]
         accelerator.load_state(str(path))
+        ema.to(device)  # load_state leaves the EMA weights where torch.load put them (CPU)
         log(f"resumed from {path} (step {start})")
     if main:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

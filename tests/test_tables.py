@@ -88,7 +88,8 @@ def test_records_name_their_device_and_commit_outside_a_checkout(tmp_path, monke
     assert rec["device"] == torch.cuda.get_device_name() if torch.cuda.is_available() else \
         re.fullmatch(r"cpu \(\d+ cores\)", rec["device"])
     assert make_record(**dict(rec, device="NVIDIA H100 80GB HBM3"))["device"] == "NVIDIA H100 80GB HBM3"
-    monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "abc123")
-    assert git_commit(tmp_path) == "abc123"  # a copy of the tree with no .git (a lent GPU machine)
-    monkeypatch.delenv("CONPREDIFF_GIT_COMMIT")
+    monkeypatch.delenv("CONPREDIFF_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path) == "unknown"
+    assert len(git_commit().removesuffix("-dirty")) == 40
+    monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "abc123")  # a copy of the tree on a lent GPU machine
+    assert git_commit(tmp_path) == git_commit() == "abc123"
