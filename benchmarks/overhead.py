@@ -2,9 +2,10 @@
 
     python benchmarks/overhead.py                 # CPU, both model sizes
     python benchmarks/overhead.py --device cuda   # on a GPU
+    python benchmarks/overhead.py --experiment decoding_ablation --steps 20   # an experiment's mini presets
 
 Times one optimizer step (forward, backward, AdamW) with synthetic data, median over --steps after
---warmup, baseline and ConPreDiff variants alternated in one run so machine load affects both alike.
+--warmup, the variants alternated step by step in one run so machine load affects all alike.
 Models: the mini preset's UNet on 16x16x1 (0.65 M parameters, batch 64) and an LDM-4-width UNet
 (channels 224 x (1,2,3,4), attention at the three lower levels) on 32x32x4 latents (batch 8).
 Also prints the parameter count and DDIM sampling time of the baseline vs ConPreDiff UNet: the
@@ -45,28 +46,49 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_times(model_cfg, size, channels, batch, ctx_cfg, device, steps, warmup) -> list[float]:
-    torch.manual_seed(0)
-    unet = build_unet(model_cfg, size, channels)
-    ctx = ContextPrediction(ctx_cfg, model_cfg.block_out_channels[0], channels) if ctx_cfg else None
-    module = DiffusionTrainingModule(unet, build_scheduler(DiffusionConfig()), ctx).to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, warmup,
+               diffusion_cfg: DiffusionConfig | None = None) -> dict[str, list[float]]:
+    """Seconds per optimizer step for each variant (None = baseline), one step of each in turn per round,
+    so a change in machine load during the run hits every variant alike."""
+    runs = {}
+    for name, ctx_cfg in variants.items():
+        torch.manual_seed(0)
+        unet = build_unet(model_cfg, size, channels)
+        ctx = ContextPrediction(ctx_cfg, model_cfg.block_out_channels[0], channels) if ctx_cfg else None
+        module = DiffusionTrainingModule(unet, build_scheduler(diffusion_cfg or DiffusionConfig()), ctx).to(device)
+        runs[name] = (module, torch.optim.AdamW(module.parameters(), lr=1e-4), ctx is not None)
     x0 = torch.randn(batch, channels, size, size, device=device)
-    times = []
+    times = {name: [] for name in variants}
     for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        gens = image_generators(0, i, range(batch))
-        t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]).to(device)
-        noise = randn_per_image(gens, x0.shape[1:], device)
-        losses = module(x0, noise, t, generators=gens if ctx else None)
-        losses["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        for name, (module, opt, has_ctx) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            gens = image_generators(0, i, range(batch))
+            t = torch.cat([torch.randint(0, module.scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in gens]).to(device)
+            noise = randn_per_image(gens, x0.shape[1:], device)
+            losses = module(x0, noise, t, generators=gens if has_ctx else None)
+            losses["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
     return times
+
+
+def experiment_variants(experiment: str):
+    """The mini presets of ``experiments.<experiment>``: (model config, size, channels, batch, diffusion config,
+    {method: context config or None})."""
+    import importlib
+
+    presets = [p for p in importlib.import_module(f"experiments.{experiment}").PRESETS if p.scale == "mini"]
+    cfgs = {p.method: p.run_config(0) for p in presets}
+    first = next(iter(cfgs.values()))
+    if any(c.model != first.model or c.diffusion != first.diffusion for c in cfgs.values()):
+        raise SystemExit(f"{experiment}: its mini presets differ in more than the context term; time them separately")
+    return (first.model, first.data.resolution, first.data.channels, first.train.batch_size, first.diffusion,
+            {m: (c.context if c.context.enabled else None) for m, c in cfgs.items()})
 
 
 @torch.no_grad()
@@ -93,7 +115,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    parser.add_argument("--experiment", help="instead: time the mini presets of experiments.<EXPERIMENT> "
+                        "(e.g. decoding_ablation, stride_ablation), each one step in turn")
     args = parser.parse_args()
+    if args.experiment:
+        torch.set_num_threads(args.threads)
+        model_cfg, size, channels, batch, diffusion_cfg, variants = experiment_variants(args.experiment)
+        times = step_times(model_cfg, size, channels, batch, variants, args.device, args.steps, args.warmup, diffusion_cfg)
+        base = statistics.median(times["baseline"]) if "baseline" in times else None
+        print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, {args.experiment} mini presets, "
+              f"{size}x{size}x{channels}, batch {batch}, median of {args.steps} rounds after {args.warmup} warm-up\n")
+        print("| variant | s / step (median) | ratio to baseline |\n|---|---|---|")
+        for name, ts in times.items():
+            m = statistics.median(ts)
+            print(f"| {name} | {m:.3f} | {m / base:.2f}x |" if base else f"| {name} | {m:.3f} | n/a |")
+        return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
           f"median of {args.steps} steps after {args.warmup} warm-up\n")
@@ -101,10 +137,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for name in args.models.split(","):
         model_cfg, size, channels, batch = MODELS[name]
-        medians = {}
-        for variant, ctx_cfg in VARIANTS.items():
-            medians[variant] = statistics.median(
-                step_times(model_cfg, size, channels, batch, ctx_cfg, args.device, args.steps, args.warmup))
+        times = step_times(model_cfg, size, channels, batch, VARIANTS, args.device, args.steps, args.warmup)
+        medians = {variant: statistics.median(ts) for variant, ts in times.items()}
+        for variant in VARIANTS:
             print(f"| {name}, batch {batch} | {variant} | {medians[variant]:.3f} | "
                   f"{medians[variant] / medians['baseline']:.2f}x |", flush=True)
     print("\n| model | exported parameters (baseline = ConPreDiff) | DDIM 10 steps, 16 images (s) |")

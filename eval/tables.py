@@ -107,11 +107,7 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame) -> str:
     # Other scales: ours, with the delta to the baseline.
     for scale in sorted(set(ours["scale"]) - {"paper"}):
         block = ours[ours["scale"] == scale]
-        devices = sorted({d for ds in block["devices"] for d in ds.split("; ") if d})
-        lines += ["", f"## Scale: {scale}", ""]
-        if devices:  # step times are only comparable within one device
-            lines += [f"Trained and measured on: {', '.join(devices)}.", ""]
-        lines += [
+        lines += ["", f"## Scale: {scale}", "", *_devices(block),
                   "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline (± 2 SE) | Verdict |",
                   "|---|---|---|---|---|---|---|"]
         for r in block.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):
@@ -121,6 +117,24 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame) -> str:
             lines.append(f"| {r.benchmark} | {r.method} | {r.metric} {arrow} | n/a | {mean_std(r.mean, r.std, r.n)} "
                          f"| {delta} | {r.verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _devices(block: pd.DataFrame) -> list[str]:
+    """Which rows were trained and measured on which device (step times compare only within one)."""
+    on: dict[str, dict[str, set]] = {}  # device -> benchmark -> methods
+    for r in block.itertuples(index=False):
+        for d in filter(None, r.devices.split("; ")):
+            on.setdefault(d, {}).setdefault(r.benchmark, set()).add(r.method)
+    if not on:
+        return []
+    order = lambda ms: ", ".join(sorted(ms, key=lambda m: (m != BASELINE, m)))  # noqa: E731
+    benches, lines = set(block["benchmark"]), ["Trained and measured on:", ""]
+    for d, by_bench in sorted(on.items()):
+        if set(by_bench) == benches and len({frozenset(m) for m in by_bench.values()}) == 1:
+            lines.append(f"- {d}: {order(next(iter(by_bench.values())))}")
+        else:
+            lines.append(f"- {d}: " + "; ".join(f"{b} ({order(m)})" for b, m in sorted(by_bench.items())))
+    return lines + [""]
 
 
 def _baseline_first(col: pd.Series) -> pd.Series:
