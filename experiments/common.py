@@ -48,7 +48,8 @@ class Preset:
     benchmark: str
     config: dict
     paper: str = "n/a"  # what the paper reports for this row
-    expected_minutes: float | None = None  # mini: measured on 2 CPU cores
+    expected_minutes: float | None = None  # mini: on 2 CPU cores, measured unless minutes_estimated
+    minutes_estimated: bool = False  # expected_minutes scaled from a step-time ratio, not a measured run
     num_samples: int = 1000
     extra: dict = field(default_factory=dict)
     prepare: Callable[[], None] | None = None  # run before training at mini/paper scale (e.g. train an autoencoder)
@@ -225,7 +226,8 @@ def main(
     evaluate: Callable = evaluate_unconditional,
 ) -> None:
     names = "\n".join(f"  {p.name:40s} {p.scale:5s} paper: {p.paper}"
-                      + (f" (~{p.expected_minutes:g} min/seed on 2 CPU cores)" if p.expected_minutes else "")
+                      + (f" (~{p.expected_minutes:g} min/seed on 2 CPU cores"
+                         f"{', estimated from step time' if p.minutes_estimated else ''})" if p.expected_minutes else "")
                       for p in presets)
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{experiment}", description=doc + "\n\npresets:\n" + names,

@@ -13,22 +13,23 @@ The paper shows this as a figure without numeric values ("n/a").
 from __future__ import annotations
 
 from ..common import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with, estimated_minutes
 
 _base = {p.name: p for p in UNCONDITIONAL}
 
 
-def _variant(label: str, **context) -> Preset:
+def _variant(label: str, step_time_ratio: float, **context) -> Preset:
     cfg = _with(MINI, context={"enabled": True, **context})
-    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg)
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg, expected_minutes=estimated_minutes(step_time_ratio),
+                  minutes_estimated=True)
 
 
 PRESETS = [
     _base["mini-digits16-baseline"],
-    _variant("explicit", decoder="explicit"),
+    _variant("explicit", 1.06, decoder="explicit"),  # step-time ratios to the baseline: benchmarks/RESULTS.md
     _base["mini-digits16-conprediff"],  # distribution decoder + exact W2
-    _variant("sinkhorn", solver="sinkhorn"),
-    _variant("sliced", solver="sliced"),
+    _variant("sinkhorn", 4.39, solver="sinkhorn"),
+    _variant("sliced", 1.29, solver="sliced"),
     Preset("paper-celebahq256-explicit", "paper", "explicit", "celebahq256",
            _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "decoder": "explicit"}), num_samples=50_000),
     Preset("paper-celebahq256-sinkhorn", "paper", "sinkhorn", "celebahq256",

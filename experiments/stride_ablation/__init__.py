@@ -11,14 +11,15 @@ this ablation ("n/a"). Paper scale: the CelebA-HQ LDM-4 preset with the same str
 from __future__ import annotations
 
 from ..common import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with, estimated_minutes
 
 _base = {p.name: p for p in UNCONDITIONAL}
 
 
-def _mini(label: str, strides: list[int], pattern: str = "dilated") -> Preset:
+def _mini(label: str, strides: list[int], step_time_ratio: float, pattern: str = "dilated") -> Preset:
     cfg = _with(MINI, context={"enabled": True, "strides": strides, "pattern": pattern})
-    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg)
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg, expected_minutes=estimated_minutes(step_time_ratio),
+                  minutes_estimated=True)
 
 
 def _paper_row(label: str, strides: list[int]) -> Preset:
@@ -28,11 +29,11 @@ def _paper_row(label: str, strides: list[int]) -> Preset:
 
 PRESETS = [
     _base["mini-digits16-baseline"],
-    _mini("strides-1", [1]),
-    _mini("strides-12", [1, 2]),
+    _mini("strides-1", [1], 1.11),  # step-time ratios to the baseline: benchmarks/RESULTS.md
+    _mini("strides-12", [1, 2], 1.22),
     _base["mini-digits16-conprediff"],  # strides 1,2,3 (method label "conprediff")
-    _mini("strides-1234", [1, 2, 3, 4]),
-    _mini("ring-123", [1, 2, 3], pattern="ring"),
+    _mini("strides-1234", [1, 2, 3, 4], 1.31),
+    _mini("ring-123", [1, 2, 3], 1.52, pattern="ring"),
     _paper_row("strides-1", [1]),
     _paper_row("strides-12", [1, 2]),
     _paper_row("strides-1234", [1, 2, 3, 4]),

@@ -58,6 +58,14 @@ def _paper(dataset: str, steps: int, batch: int) -> dict:
     }
 
 
+def estimated_minutes(step_time_ratio: float) -> float:
+    """Minutes per seed on 2 idle CPU cores for a MINI variant trained here only on a shared GPU: the
+    baseline's training (2,000 steps x 0.252 s = 8.4 min) scaled by the variant's step-time ratio from
+    ``benchmarks/overhead.py --experiment ...`` (benchmarks/RESULTS.md), plus the 1.5 min of sampling and
+    metrics (9.9 - 8.4). An estimate, not a measured run."""
+    return round(8.4 * step_time_ratio + 1.5, 1)
+
+
 PRESETS = [
     # Minutes per seed: mean of the 3 committed runs, 2026-11-22, 2 CPU cores, nothing else running
     # (training, 1,000 samples, metrics). The 6-run table takes ~65 minutes.
