@@ -33,9 +33,12 @@ MINI_DISCRETE = _with(MINI, backbone="discrete", model={"token_levels": 8, "toke
 PRESETS = [
     _relabel("mini-digits16-baseline", "pixel"),
     _relabel("mini-digits16-conprediff", "pixel"),
-    Preset("mini-digits16-latent-baseline", "mini", "baseline", "latent", MINI_LATENT, prepare=train_autoencoder),
+    # Minutes per seed on 2 idle CPU cores (measured: 282, 269 s and 348, 328, 342 s); the first latent run
+    # also trains the shared autoencoder once, ~10 min.
+    Preset("mini-digits16-latent-baseline", "mini", "baseline", "latent", MINI_LATENT, prepare=train_autoencoder,
+           expected_minutes=4.6),
     Preset("mini-digits16-latent-conprediff", "mini", "conprediff", "latent",
-           _with(MINI_LATENT, context={"enabled": True}), prepare=train_autoencoder),
+           _with(MINI_LATENT, context={"enabled": True}), prepare=train_autoencoder, expected_minutes=5.6),
     Preset("mini-digits16-discrete-baseline", "mini", "baseline", "discrete", MINI_DISCRETE),
     Preset("mini-digits16-discrete-conprediff", "mini", "conprediff", "discrete",
            _with(MINI_DISCRETE, context={"enabled": True})),

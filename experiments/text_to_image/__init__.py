@@ -41,7 +41,8 @@ PAPER_T2I = {
 COCO_PROMPTS = "data/coco2014val_30k.jsonl"  # {"caption": ...} per line, written by the COCO prepare step
 
 PRESETS = [
-    Preset("mini-digits16-t2i-baseline", "mini", "baseline", "digits16-t2i", MINI_T2I),
+    # 21.6 min measured for one baseline seed on 2 idle CPU cores (results/tuning/t2i-pilot).
+    Preset("mini-digits16-t2i-baseline", "mini", "baseline", "digits16-t2i", MINI_T2I, expected_minutes=21.6),
     Preset("mini-digits16-t2i-conprediff", "mini", "conprediff", "digits16-t2i",
            _with(MINI_T2I, context={"enabled": True})),
     Preset("paper-coco256-ldm-kl8-baseline", "paper", "baseline", "coco256-zeroshot", PAPER_T2I,
