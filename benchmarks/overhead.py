@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--experiment", help="instead: time the mini presets of experiments.<EXPERIMENT> "
                         "(e.g. decoding_ablation, stride_ablation), each one step in turn")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.experiment:
-        torch.set_num_threads(args.threads)
         model_cfg, size, channels, batch, diffusion_cfg, variants = experiment_variants(args.experiment)
         times = step_times(model_cfg, size, channels, batch, variants, args.device, args.steps, args.warmup, diffusion_cfg)
         base = statistics.median(times["baseline"]) if "baseline" in times else None
@@ -130,7 +130,6 @@ def main() -> None:
             m = statistics.median(ts)
             print(f"| {name} | {m:.3f} | {m / base:.2f}x |" if base else f"| {name} | {m:.3f} | n/a |")
         return
-    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
           f"median of {args.steps} steps after {args.warmup} warm-up\n")
     print("| model | variant | s / step | ratio to baseline |")

@@ -58,7 +58,7 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         # Markers, not a line: variants whose runs shared a device record no step time (gaps).
         ax2.plot(range(len(t)), t["mean"], "o", color="tab:red")
         ax2.set_ylim(0, 1.15 * t["mean"].max())
-        devices = "; ".join(sorted(set(timing["devices"]) - {""})) if "devices" in timing else ""
+        devices = "; ".join(sorted(set(timing["devices"]) - {""}))
         ax2.set_ylabel("training time per step (s)" + (f"\n{devices}" if devices else ""), color="tab:red")
     ax.set_title(f"Context decoding variants ({quality['scale'].iloc[0]} scale)")
     return _save(fig, out)

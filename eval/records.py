@@ -35,9 +35,6 @@ REQUIRED = (
     "git_commit",
     "time",
 )
-# Filled in by make_record when absent: where the run was trained and measured (step times and
-# other wall-clock metrics are only comparable within one device).
-OPTIONAL = ("device",)
 
 
 def device() -> str:
@@ -54,7 +51,8 @@ class RecordError(ValueError):
 
 
 def make_record(**fields) -> dict:
-    """A complete record: ``git_commit`` and ``time`` are filled in; missing fields raise."""
+    """A complete record: ``git_commit``, ``time`` and ``device`` (where the run was trained and measured: step
+    times compare only within one device) are filled in unless given; missing fields raise."""
     rec = {"git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device(), **fields}
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
