@@ -77,11 +77,16 @@ def repaint(
     jump_length: int = 10,
     jump_n_sample: int = 10,
     device: torch.device | str = "cpu",
+    clip_sample: bool | None = None,
 ) -> torch.Tensor:
-    """Inpaint ``images (B, C, H, W)`` in [-1, 1] where ``known (B, 1, H, W)`` is 0; returns ``(B, C, H, W)``."""
+    """Inpaint ``images (B, C, H, W)`` in [-1, 1] where ``known (B, 1, H, W)`` is 0; returns ``(B, C, H, W)``.
+
+    ``clip_sample`` clamps each step's x0 prediction to [-1, 1] (``None``: as the scheduler config says).
+    """
     from diffusers import RePaintScheduler
 
-    scheduler = RePaintScheduler.from_config(train_scheduler_config)
+    over = {} if clip_sample is None else {"clip_sample": clip_sample}
+    scheduler = RePaintScheduler.from_config(train_scheduler_config, **over)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     original, mask = images.to(device), known.to(device)
     x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]).to(device)

@@ -42,14 +42,27 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """The training scheduler (DDPM); sampling schedulers are made from its config."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
-        clip_sample=True,
+        clip_sample=cfg.clip_sample,
     )
 
 
-def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str):
-    """DDIM or DDPM scheduler sharing the training scheduler's betas."""
+def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str, clip_sample: bool | None = None):
+    """DDIM or DDPM scheduler sharing the training scheduler's betas.
+
+    ``clip_sample`` (clamp every step's x0 prediction to [-1, 1]) overrides the exported config's value;
+    ``None`` keeps it. Pipelines exported before ``diffusion.clip_sample`` existed say ``True``.
+    """
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[sampler]
-    return cls.from_config(train_scheduler.config)
+    over = {} if clip_sample is None else {"clip_sample": clip_sample}
+    return cls.from_config(train_scheduler.config, **over)
+
+
+def sampler_name(cfg: DiffusionConfig, backbone: str = "pixel") -> str:
+    """How samples were drawn, as records and sample folders name it: ``ddim-50-noclip``, ``ddim-50-clip-cfg2``."""
+    if backbone == "discrete":
+        return f"mask-replace-ancestral-{cfg.num_train_timesteps}"
+    name = f"{cfg.sampler}-{cfg.sampling_steps}-{'clip' if cfg.clip_sample else 'noclip'}"
+    return name + (f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else "")
 
 
 class Autoencoder:

@@ -2,8 +2,8 @@
 
 Example::
 
-    python -m core.sample --pipeline runs/mini-conprediff-s0/pipeline --out runs/mini-conprediff-s0/samples \
-        --seeds 0-999 --sampler ddim --steps 50
+    python -m core.sample --pipeline runs/mini-conprediff-s0/pipeline --out runs/mini-conprediff-s0/samples/ddim-50-noclip \
+        --seeds 0-999 --sampler ddim --steps 50 --no-clip-sample
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m core.sample ...   # seeds split over processes
 
 Image ``k`` is ``<out>/<seed:06d>.png`` and depends only on its seed (its initial noise and, for
@@ -125,11 +125,14 @@ def sample_pipeline(
     batch_size: int = 64,
     prompts: Sequence[str] | None = None,
     guidance_scale: float = 1.0,
+    clip_sample: bool | None = None,
 ) -> list[Path]:
     """Sample the missing ``<seed>.png`` files of ``seeds`` into ``out_dir``; returns all their paths.
 
     A text-conditional pipeline needs ``prompts`` (one per seed); ``guidance_scale`` > 1 applies
-    classifier-free guidance against the empty prompt.
+    classifier-free guidance against the empty prompt. ``clip_sample`` clamps each step's x0
+    prediction to [-1, 1]; ``None`` uses the pipeline's exported scheduler config. Samples made with
+    different settings must go to different ``out_dir`` (existing PNGs are never redrawn).
     """
     from accelerate import PartialState
 
@@ -140,7 +143,7 @@ def sample_pipeline(
     unet = load_unet(Path(pipeline_dir)).to(state.device).eval()
     from diffusers import DDPMScheduler
 
-    scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler)
+    scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler, clip_sample)
     text = None
     if (Path(pipeline_dir) / "text_encoder.json").exists():
         from .text import TextEncoder
@@ -210,11 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", help="also write a grid PNG of the first 64 seeds here")
     parser.add_argument("--prompt", action="append", help="text-conditional pipelines: prompt(s), cycled over the seeds")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
+                        help="clamp each step's x0 prediction to [-1, 1] (default: as the pipeline's scheduler config)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(len(seeds))] if args.prompt else None
     paths = sample_pipeline(args.pipeline, args.out, seeds, args.sampler, args.steps, args.batch_size, prompts,
-                            args.guidance_scale)
+                            args.guidance_scale, args.clip_sample)
     if args.grid:
         save_grid(paths[:64], args.grid)
 

@@ -3,12 +3,13 @@
     python -m eval.figures
 
 * ``decoding_efficiency.png`` (paper Figure 4 analogue): quality per context-decoding variant as bars
-  (mean +- std over seeds), measured training time per step as a line on a second axis;
+  (mean +- std over seeds), measured training time per step as markers on a second axis;
 * ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
 * ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
-Figures whose records do not exist yet are skipped (and listed). Output is deterministic.
+Records marked ``superseded`` are left out. Figures whose records do not exist yet are skipped (and
+listed). Output is deterministic.
 """
 
 from __future__ import annotations
@@ -118,7 +119,11 @@ def samples(experiment: str, out: Path) -> Path | None:
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
     """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(load_records(records_path))
+    summary = summarize([r for r in load_records(records_path) if not r.get("superseded")])
+    twice = summary[summary.duplicated(["experiment", "scale", "benchmark", "method", "metric"], keep=False)]
+    if not twice.empty:  # a bar per row: two current samplers for one row would draw one of them silently
+        raise ValueError("rows measured with more than one current sampler (mark the older records superseded):\n"
+                         + twice[["experiment", "benchmark", "method", "metric", "sampler"]].to_string(index=False))
     made, skipped = [], []
     jobs = {
         "decoding_efficiency.png": lambda p: decoding_efficiency(summary, p),

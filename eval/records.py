@@ -29,7 +29,7 @@ REQUIRED = (
     "n_samples",
     "checkpoint",  # training step of the weights used
     "ema",
-    "sampler",  # e.g. ddim-50, repaint-250-j10-r10
+    "sampler",  # e.g. ddim-50-noclip, repaint-250-j10-r10-clip, mask-replace-ancestral-100
     "reference",  # what generated images were compared with, and its hash
     "backend",  # metric implementation and version
     "git_commit",
@@ -44,6 +44,10 @@ def device() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
+
+
+# Optional: "device" (filled by make_record); "superseded", a note on why a record no longer counts
+# (tables show such records in their own labelled blocks, figures leave them out).
 
 
 class RecordError(ValueError):

@@ -4,9 +4,11 @@
     python -m eval.tables --records R.jsonl --out DIR       # elsewhere (the golden-file test does this)
 
 Per table: a *paper scale* block (the paper's numbers, with this repository's paper-scale numbers
-beside them when it has any) and one block per other scale (mean +- std over training seeds, n,
-the difference to the baseline with two standard errors, and whether the paper's direction of
-effect holds at that scale). Output has no timestamps: running it twice gives no diff.
+beside them when it has any) and one block per other scale and sampler (mean +- std over training
+seeds, n, the difference to the baseline sampled the same way with two standard errors, and whether
+the paper's direction of effect holds at that scale). Records carrying a ``superseded`` note (e.g.
+the mini runs first sampled with x0 clipping) keep their own blocks, last and labelled with the
+note. Output has no timestamps: running it twice gives no diff.
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def mean_std(mean: float, std: float, n: int) -> str:
 
 
 def summarize(records: list[dict]) -> pd.DataFrame:
-    """One row per (experiment, scale, benchmark, method, metric): mean, std, n, seeds, devices."""
-    cols = ["experiment", "scale", "benchmark", "method", "metric"]
+    """One row per (experiment, scale, sampler, superseded, benchmark, method, metric): mean, std, n, seeds, devices."""
+    cols = ["experiment", "scale", "sampler", "superseded", "benchmark", "method", "metric"]
     if not records:
         return pd.DataFrame(columns=cols + ["mean", "std", "n", "seeds", "n_samples", "devices"])
     df = pd.DataFrame(records)
-    df["device"] = df["device"].fillna("") if "device" in df else ""
+    for optional in ("device", "superseded"):
+        df[optional] = df[optional].fillna("") if optional in df else ""
     g = df.groupby(cols, sort=True)
     out = g["value"].agg(mean="mean", std="std", n="count").reset_index()
     out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s)))).values
@@ -63,12 +66,13 @@ def summarize(records: list[dict]) -> pd.DataFrame:
 
 
 def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add delta vs the baseline of the same (experiment, scale, benchmark, metric), 2 SE, and a verdict."""
+    """Add delta vs the baseline of the same (experiment, scale, sampler, superseded, benchmark, metric), 2 SE, and a verdict."""
     rows = []
-    base = summary[summary["method"] == BASELINE].set_index(["experiment", "scale", "benchmark", "metric"])
+    same = ["experiment", "scale", "sampler", "superseded", "benchmark", "metric"]
+    base = summary[summary["method"] == BASELINE].set_index(same)
     for r in summary.itertuples(index=False):
         d = r._asdict()
-        key = (r.experiment, r.scale, r.benchmark, r.metric)
+        key = tuple(d[k] for k in same)
         d["delta"], d["two_se"], d["verdict"] = math.nan, math.nan, ""
         if r.method != BASELINE and key in base.index:
             b = base.loc[key]
@@ -104,18 +108,22 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame) -> str:
         lines.append(f"| {bench} | {method} | {metric} | {paper_val} | {our_val} | {source} |")
     if not keys:
         lines.append("| n/a | n/a | n/a | n/a | not run | the paper reports no values |")
-    # Other scales: ours, with the delta to the baseline.
+    # Other scales, one block per sampler (current ones first): ours, with the delta to the baseline.
     for scale in sorted(set(ours["scale"]) - {"paper"}):
-        block = ours[ours["scale"] == scale]
-        lines += ["", f"## Scale: {scale}", "", *_devices(block),
-                  "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline (± 2 SE) | Verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in block.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):
-            delta = "" if math.isnan(r.delta) else ("+" if r.delta >= 0 else "") + fmt(r.delta) + (
-                "" if math.isnan(r.two_se) else f" ± {fmt(r.two_se)}")
-            arrow = "↑" if higher_is_better(r.metric) else "↓"
-            lines.append(f"| {r.benchmark} | {r.method} | {r.metric} {arrow} | n/a | {mean_std(r.mean, r.std, r.n)} "
-                         f"| {delta} | {r.verdict} |")
+        lines += ["", f"## Scale: {scale}"]
+        at_scale = ours[ours["scale"] == scale]
+        for (superseded, sampler), block in sorted(at_scale.groupby(["superseded", "sampler"]), key=lambda kv: kv[0]):
+            lines += ["", f"### Sampler `{sampler}`" + (" (superseded)" if superseded else ""), ""]
+            lines += [f"Superseded: {superseded}", ""] if superseded else []
+            lines += [*_devices(block),
+                      "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline (± 2 SE) | Verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in block.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):
+                delta = "" if math.isnan(r.delta) else ("+" if r.delta >= 0 else "") + fmt(r.delta) + (
+                    "" if math.isnan(r.two_se) else f" ± {fmt(r.two_se)}")
+                arrow = "↑" if higher_is_better(r.metric) else "↓"
+                lines.append(f"| {r.benchmark} | {r.method} | {r.metric} {arrow} | n/a | {mean_std(r.mean, r.std, r.n)} "
+                             f"| {delta} | {r.verdict} |")
     return "\n".join(lines) + "\n"
 
 

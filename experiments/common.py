@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from core.config import RunConfig, apply_overrides
+from core.models import sampler_name
 from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
@@ -135,29 +136,26 @@ def evaluate_unconditional(
     ``step_time=False`` (runs that shared the machine) records no ``step_time_s``: it would measure the contention.
     """
     step = list_checkpoints(run_dir)[-1][0]
-    sampler = f"{cfg.diffusion.sampler}-{cfg.diffusion.sampling_steps}"
-    if cfg.backbone == "discrete":
-        sampler = f"mask-replace-ancestral-{cfg.diffusion.num_train_timesteps}"
-    if cfg.diffusion.guidance_scale != 1.0:
-        sampler += f"-cfg{cfg.diffusion.guidance_scale:g}"
+    sampler = sampler_name(cfg.diffusion, cfg.backbone)
     metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits")
     metric_names += ("step_time_s",) if step_time else ()
     metric_names += ("prompt_acc",) if labels is not None else ()
     key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
-               scale=scale)
+               scale=scale, sampler=sampler)
     existing = load_records(records_path)
     missing = [m for m in metric_names if not recorded(existing, metric=m, **key)]
     if not missing:
         return []
-    paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples", range(num_samples), cfg.diffusion.sampler,
-                            cfg.diffusion.sampling_steps, prompts=prompts, guidance_scale=cfg.diffusion.guidance_scale)
+    paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
+                            cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
+                            guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
         return []
     save_grid(paths[:64], run_dir / "grid.png")
     if scale == "paper":
-        return [record_fid(experiment, preset, key, sampler, run_dir, records_path)]
+        return [record_fid(experiment, preset, key, run_dir / "samples" / sampler, records_path)]
     if cfg.data.source != "digits" or cfg.data.channels != 1:
         return []  # smoke runs on stand-in data: nothing meaningful to measure
     from eval.metrics import digits_proxy_metrics
@@ -173,7 +171,7 @@ def evaluate_unconditional(
     out = []
     for metric in missing:
         rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
-                   sampler=sampler, reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
+                   reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
                    f"sha {tensor_hash(real)})", backend=backend if metric != "step_time_s" else
                    "median of stats.jsonl step_time over the second half of training (wall clock, this machine)")
         append_record(rec, records_path)
@@ -188,7 +186,7 @@ def median_step_time(run_dir: Path) -> float:
     return float(np.median(half)) if half else float("nan")
 
 
-def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir: Path, records_path: Path) -> dict:
+def record_fid(experiment: str, preset: Preset, key: dict, samples: Path, records_path: Path) -> dict:
     """FID (clean-fid, Inception weights from eval.metrics.weights_dir()) against the benchmark's reference stats."""
     from eval.fid_ref import reference_path
     from eval.metrics import fid_folders
@@ -197,10 +195,10 @@ def record_fid(experiment: str, preset: Preset, key: dict, sampler: str, run_dir
     if not ref.exists():
         raise FileNotFoundError(f"FID reference statistics {ref} are missing: build them with "
                                 f"`python -m eval.fid_ref --data data/{preset.benchmark} --name {preset.benchmark}`")
-    value = fid_folders(run_dir / "samples", ref, "cuda" if torch.cuda.is_available() else "cpu")
+    value = fid_folders(samples, ref, "cuda" if torch.cuda.is_available() else "cpu")
     n = key["n_samples"]
     rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=f"fid{n // 1000}k_cleanfid" if n >= 1000 else "fid",
-               value=value, ema=True, sampler=sampler, reference=f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
+               value=value, ema=True, reference=f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
                backend=f"clean-fid {version('clean-fid')} mode=clean, inception-2015-12-05.pt")
     append_record(rec, records_path)
     return rec

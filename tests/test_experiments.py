@@ -37,7 +37,7 @@ def test_every_preset_runs_at_smoke_scale(experiment, runs_dir):
     for preset in presets:
         run = tmp_path / "smoke" / f"{preset.name}-s0"
         assert (run / "pipeline" / "unet" / "config.json").exists(), preset.name
-        outputs = list((run / "samples").glob("*.png")) + list((run / "inpainting").glob("*/*/*.png"))
+        outputs = list((run / "samples").glob("*/*.png")) + list((run / "inpainting").glob("*/*/*.png"))
         assert outputs, preset.name
     records = [json.loads(l) for l in (tmp_path / "smoke-records.jsonl").read_text().splitlines()]
     mini = {p.name for p in presets if p.scale == "mini"}

@@ -25,6 +25,11 @@ def test_golden_table_content():
     assert "| celebahq256 | conprediff | fid | 3.22 | 4 (n=1) |" in text
     assert "| digits16 | conprediff | fd_digits ↓ | n/a | 8.5 ± 0.5 (n=3) | -2.5 ± 1.291 | better than baseline |" in text
     assert "inconclusive" in (FIXTURES / "expected_tables" / "inpainting.md").read_text()
+    # Records of another sampler, marked superseded, form their own block after the current one, and their
+    # deltas are against the baseline sampled the same way (32 - 21), not the current baseline (32 - 11).
+    current, superseded = text.split("### Sampler `ddim-50-clip` (superseded)")
+    assert "### Sampler `ddim-50`" in current and "Superseded: fixture: sampled with x0 clipping" in superseded
+    assert "| digits16 | conprediff | fd_digits ↓ | n/a | 32 ± 2.828 (n=2) | +11 ± 4.472 | worse than baseline |" in superseded
 
 
 def test_records_refuse_missing_fields(tmp_path):
@@ -61,6 +66,22 @@ def test_figures_are_deterministic(tmp_path):
         assert first[:8] == b"\x89PNG\r\n\x1a\n"
         assert draw(tmp_path / name).read_bytes() == first
     assert grouped(summary, "stride_ablation", tmp_path / "none.png", "t") is None
+
+
+def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tmp_path):
+    from eval.figures import write_figures
+
+    base = json.loads((FIXTURES / "records.jsonl").read_text().splitlines()[0])
+    recs = [dict(base, experiment="stride_ablation", method=m, seed=s, value=v + s, sampler=sampler, **extra)
+            for m, v in (("baseline", 10), ("strides-1", 12)) for s in range(2)
+            for sampler, extra in (("ddim-50-noclip", {}), ("ddim-50-clip", {"superseded": "clipped"}))]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    made, _ = write_figures(path, tmp_path / "figs")
+    assert tmp_path / "figs" / "stride_ablation.png" in made
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "superseded"}) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="more than one current sampler"):
+        write_figures(path, tmp_path / "figs")
 
 
 def test_committed_tables_are_regenerated_from_committed_records(tmp_path):

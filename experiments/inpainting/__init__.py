@@ -27,7 +27,8 @@ _PAPER_PIXEL = {
     "model": {"block_out_channels": [128, 128, 256, 256, 512, 512], "layers_per_block": 2,
               "attention": [False, False, False, False, True, True], "mid_attention": True, "norm_num_groups": 32},
     "data": {"source": "data/celebahq256", "resolution": 256, "channels": 3},
-    "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear"},
+    # RePaint's guided-diffusion sampler clips x0 (clip_denoised: true in its configs).
+    "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True},
     "train": {"batch_size": 64, "steps": 250_000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999,
               "checkpoint_every": 5000, "log_every": 100},
     "context": {"enabled": False},

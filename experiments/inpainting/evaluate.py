@@ -37,19 +37,20 @@ def evaluate_inpainting(
     images = ImageData(test_cfg).images(range(n))
     unet = load_unet(run_dir / "pipeline").to(state.device).eval()
     sched_config = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler").config
-    sampler = f"repaint-{steps}-j{jump}-r{resample}"
+    clip = cfg.diffusion.clip_sample
+    sampler = f"repaint-{steps}-j{jump}-r{resample}-{'clip' if clip else 'noclip'}"
     existing = load_records(records_path)
     out = []
     for kind in MASK_KINDS:
         key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=n,
-                   scale=scale, benchmark=f"{preset.benchmark}/{kind}")
+                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler)
         if all(recorded(existing, metric=m, **key) for m in METRICS):
             continue
         masks = torch.stack([make_mask(kind, images.shape[-1], seed=i) for i in range(n)])
 
         def render(chunk: list[int]) -> np.ndarray:
             return to_uint8(repaint(unet, sched_config, images[chunk], masks[chunk], chunk, steps, jump, resample,
-                                    state.device))
+                                    state.device, clip))
 
         paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), 100, render, state)
         if not state.is_main_process:
@@ -58,7 +59,7 @@ def evaluate_inpainting(
         done = torch.stack([load_png(p) for p in paths])
         values = inpainting_metrics(done, images, masks, scale)
         for metric, value in values.items():
-            rec = dict(key, method=preset.method, metric=metric, value=value, ema=True, sampler=sampler,
+            rec = dict(key, method=preset.method, metric=metric, value=value, ema=True,
                        reference=f"{test_cfg.source} test split, first {n} (sha {tensor_hash(images)})",
                        backend="digits classifier conv maps (LPIPS-style proxy)" if metric.startswith("percep")
                        else "numpy, pixels in [-1, 1], hole region only")

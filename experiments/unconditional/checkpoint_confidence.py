@@ -32,7 +32,7 @@ def checkpoint_confidence(run_dir: Path, checkpoint: Path, samples: int, steps: 
     for p, s in zip(unet.parameters(), ema["shadow_params"], strict=True):
         p.data.copy_(s)
     base = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler")
-    x = torch.cat([denoise(unet, sampling_scheduler(base, "ddim"), range(i, min(samples, i + batch)), steps)
+    x = torch.cat([denoise(unet, sampling_scheduler(base, "ddim", cfg.diffusion.clip_sample), range(i, min(samples, i + batch)), steps)
                    for i in range(0, samples, batch)])
     _, probs = classifier_outputs(x, cfg.data.resolution)
     return float((probs.max(1) >= 0.9).mean())
@@ -44,12 +44,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
+    import yaml
+
+    from core.config import RunConfig
+    from core.models import sampler_name
     from core.train import list_checkpoints
 
+    diffusion = RunConfig.from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text())).diffusion
+    diffusion.sampler, diffusion.sampling_steps, diffusion.guidance_scale = "ddim", args.steps, 1.0
+    sampler = sampler_name(diffusion)
     for step, path in list_checkpoints(args.run_dir):
         value = checkpoint_confidence(args.run_dir, path, args.samples, args.steps)
         print(json.dumps({"run": args.run_dir.name, "step": step, "confident_digits": value, "samples": args.samples,
-                          "sampler": f"ddim-{args.steps}"}), flush=True)
+                          "sampler": sampler}), flush=True)
 
 
 if __name__ == "__main__":
