@@ -8,8 +8,8 @@
 * ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
-Records marked ``superseded`` are left out. Figures whose records do not exist yet are skipped (and
-listed). Output is deterministic.
+Records marked ``superseded`` are left out. Figures without current records are skipped (listed, and
+an older file of that name removed). Output is deterministic.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
             made.append(out_dir / name)
         else:
             skipped.append(name)
+            (out_dir / name).unlink(missing_ok=True)  # a figure of records since superseded must not linger
     return made, skipped
 
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in made:
         print(p)
     for s in skipped:
-        print(f"skipped (no records yet): {s}")
+        print(f"skipped (no current records; any old file removed): {s}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tm
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     made, _ = write_figures(path, tmp_path / "figs")
     assert tmp_path / "figs" / "stride_ablation.png" in made
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs if r.get("superseded")))
+    _, skipped = write_figures(path, tmp_path / "figs")  # only superseded records left: the old figure goes
+    assert "stride_ablation.png" in skipped and not (tmp_path / "figs" / "stride_ablation.png").exists()
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "superseded"}) + "\n" for r in recs))
     with pytest.raises(ValueError, match="more than one current sampler"):
         write_figures(path, tmp_path / "figs")
