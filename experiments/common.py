@@ -50,7 +50,7 @@ class Preset:
     config: dict
     paper: str = "n/a"  # what the paper reports for this row
     expected_minutes: float | None = None  # mini: on 2 CPU cores, measured unless minutes_estimated
-    minutes_estimated: bool = False  # expected_minutes scaled from a step-time ratio, not a measured run
+    minutes_estimated: bool = False  # expected_minutes is an estimate (the preset says from what), not a measured run
     num_samples: int = 1000
     extra: dict = field(default_factory=dict)
     prepare: Callable[[], None] | None = None  # run before training at mini/paper scale (e.g. train an autoencoder)
@@ -225,7 +225,7 @@ def main(
 ) -> None:
     names = "\n".join(f"  {p.name:40s} {p.scale:5s} paper: {p.paper}"
                       + (f" (~{p.expected_minutes:g} min/seed on 2 CPU cores"
-                         f"{', estimated from step time' if p.minutes_estimated else ''})" if p.expected_minutes else "")
+                         f"{', estimated' if p.minutes_estimated else ''})" if p.expected_minutes else "")
                       for p in presets)
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{experiment}", description=doc + "\n\npresets:\n" + names,
