@@ -61,6 +61,8 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         ax2.set_ylim(0, 1.15 * t["mean"].max())
         devices = "; ".join(sorted(set(timing["devices"]) - {""}))
         ax2.set_ylabel("training time per step (s)" + (f"\n{devices}" if devices else ""), color="tab:red")
+        fig.text(0.01, 0.01, "step times: median of each run's own log; runs in different sessions differ by up to ~25%",
+                 fontsize=7, color="tab:red")
     ax.set_title(f"Context decoding variants ({quality['scale'].iloc[0]} scale)")
     return _save(fig, out)
 

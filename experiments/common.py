@@ -219,6 +219,49 @@ def keep_artifacts(experiment: str, run_dir: Path, results: Path = ROOT / "resul
             shutil.copyfile(src, dst)
 
 
+def run_in_parallel(experiment: str, tasks: list[tuple[Preset, int]], args: argparse.Namespace, records: Path) -> None:
+    """Run each (preset, seed) as ``python -m experiments.<experiment>`` in its own process, ``args.jobs`` at a time.
+
+    Workers share the cores evenly (``OMP_NUM_THREADS``), record no step time (``--shared-device``) and
+    append to the same records file; the longest presets start first. A failed run is reported and
+    the others go on; re-running the same command resumes the failed ones.
+    """
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // args.jobs)))
+    logs = args.runs_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = ["--scale", args.scale, "--runs-dir", str(args.runs_dir), "--records", str(records), "--shared-device",
+              "--no-tables", *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
+              *(x for o in args.overrides for x in ("--set", o))]
+
+    def run(task: tuple[Preset, int]) -> tuple[str, int, float]:
+        preset, seed = task
+        name, t0 = f"{preset.name}-s{seed}", time.time()
+        log = logs / f"{experiment}-{name}.log"
+        print(f"== {experiment} / {name}: started, log {log}", flush=True)
+        with open(log, "a") as f:
+            rc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--presets", preset.name,
+                                 "--seeds", str(seed), *common], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"== {experiment} / {name}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} "
+              f"in {time.time() - t0:.0f} s", flush=True)
+        return name, rc, time.time() - t0
+
+    if args.scale != "smoke":  # shared preparations (an autoencoder) once, before workers could race to make them
+        for prepare in dict.fromkeys(p.prepare for p, _ in tasks if p.prepare is not None):
+            prepare()
+    longest_first = sorted(tasks, key=lambda t: -(t[0].expected_minutes or 0))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [name for name, rc, _ in pool.map(run, longest_first) if rc != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {logs}. "
+                         "Re-running the same command resumes them.")
+
+
 def main(
     experiment: str, presets: list[Preset], doc: str, argv: list[str] | None = None,
     evaluate: Callable = evaluate_unconditional,
@@ -241,7 +284,13 @@ def main(
                         help="other runs share this machine at the same time: record no step_time_s (it would time the contention)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every preset (recorded in the run's config.yaml)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run this many (preset, seed) runs at once, each in its own process with cores/jobs threads "
+                             "(implies --shared-device; logs in <runs-dir>/logs/)")
+    parser.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # set for --jobs' workers
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [p for p in presets if args.scale == "smoke" or p.scale == args.scale]
     if args.presets:
@@ -254,26 +303,29 @@ def main(
     # Only runs recorded in the committed records file update results/ and tables/; any other
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
     home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
-    for preset in chosen:
-        for seed in seeds:
-            t0 = time.time()
-            if args.scale == "smoke":
-                cfg = smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins")
-                run_dir = args.runs_dir / "smoke" / f"{preset.name}-s{seed}"
-                num_samples = 8  # enough for k-NN precision/recall (k = 3)
-            else:
-                cfg = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
-                run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
-                num_samples = args.num_samples or preset.num_samples
-            print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
-            if preset.prepare is not None and args.scale != "smoke":
-                preset.prepare()
-            train(cfg, run_dir)
-            evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records, step_time=not args.shared_device)
-            if args.scale != "smoke":
-                keep_artifacts(experiment, run_dir, home / "results")
-            print(f"== done in {time.time() - t0:.0f} s", flush=True)
-    if args.scale != "smoke":
+    tasks = [(preset, seed) for preset in chosen for seed in seeds]
+    if args.jobs > 1:
+        run_in_parallel(experiment, tasks, args, records)
+        tasks = []
+    for preset, seed in tasks:
+        t0 = time.time()
+        if args.scale == "smoke":
+            cfg = smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins")
+            run_dir = args.runs_dir / "smoke" / f"{preset.name}-s{seed}"
+            num_samples = 8  # enough for k-NN precision/recall (k = 3)
+        else:
+            cfg = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
+            run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
+            num_samples = args.num_samples or preset.num_samples
+        print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
+        if preset.prepare is not None and args.scale != "smoke":
+            preset.prepare()
+        train(cfg, run_dir)
+        evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records, step_time=not args.shared_device)
+        if args.scale != "smoke":
+            keep_artifacts(experiment, run_dir, home / "results")
+        print(f"== done in {time.time() - t0:.0f} s", flush=True)
+    if args.scale != "smoke" and not args.no_tables:
         from eval.tables import write_tables
 
         write_tables(records, home / "tables")

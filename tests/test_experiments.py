@@ -45,3 +45,21 @@ def test_every_preset_runs_at_smoke_scale(experiment, runs_dir):
     assert {r["preset"] for r in mine} >= mini and all(r["scale"] == "smoke" for r in records)
     assert not (ROOT / "results" / "records.jsonl").exists() or all(
         json.loads(l)["scale"] != "smoke" for l in (ROOT / "results" / "records.jsonl").read_text().splitlines())
+
+
+def test_jobs_runs_presets_in_parallel_workers(tmp_path):
+    """--jobs 2: each (preset, seed) in its own worker, logs per run, one records file, no step time."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.stride_ablation", "--scale", "smoke", "--runs-dir", str(tmp_path),
+                           "--presets", "mini-digits16-baseline,mini-digits16-strides-1", "--seeds", "0", "--jobs", "2"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {f"{p}-s{s}" for p in ("mini-digits16-baseline", "mini-digits16-strides-1") for s in (0,)}
+    assert {f.name for f in (tmp_path / "logs").iterdir()} == {f"stride_ablation-{r}.log" for r in runs}
+    assert all((tmp_path / "smoke" / r / "pipeline" / "unet" / "config.json").exists() for r in runs)
+    assert proc.stdout.count(": started") == 2 and proc.stdout.count(": done in") == 2
+    records = [json.loads(l) for l in (tmp_path / "smoke-records.jsonl").read_text().splitlines()]
+    assert {r["preset"] for r in records if r["metric"] == "fd_digits"} == {"mini-digits16-baseline", "mini-digits16-strides-1"}
+    assert not any(r["metric"] == "step_time_s" for r in records)  # shared cores: no step time
+    bad = subprocess.run([sys.executable, "-m", "experiments.stride_ablation", "--scale", "smoke", "--jobs", "0"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--jobs must be >= 1" in bad.stderr

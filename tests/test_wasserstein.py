@@ -83,6 +83,19 @@ def test_sinkhorn_approaches_exact_and_sliced_exact_in_1d():
     assert ((sk_masked - w2_sets(pred, target, valid)).abs()).mean() < 0.05
 
 
+def test_sinkhorn_gradient_approaches_exact_gradient():
+    """The plan is held fixed in the backward pass, so at small reg the gradient is the optimal matching's."""
+    torch.manual_seed(0)
+    pred = torch.randn(50, 6, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(50, 6, 3, dtype=torch.float64)
+    valid = torch.rand(50, 6) > 0.2
+    (g_exact,) = torch.autograd.grad(w2_sets(pred, target, valid).sum(), pred)
+    sk = w2_sets(pred, target, valid, solver="sinkhorn", sinkhorn_reg=0.0005, sinkhorn_iters=5000)
+    (g_sk,) = torch.autograd.grad(sk.sum(), pred)
+    assert (g_sk - g_exact).abs().max() < 0.05 * g_exact.abs().max()
+    assert g_sk[~valid].abs().max() == 0
+
+
 def test_bad_solver():
     with pytest.raises(ValueError, match="allowed"):
         w2_sets(torch.randn(2, 8, 1), torch.randn(2, 8, 1), solver="hungarian")
