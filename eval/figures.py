@@ -67,22 +67,26 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
     return _save(fig, out)
 
 
-def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metric: str = "fd_digits") -> Path | None:
+def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metric: str = "fd_digits",
+            order: tuple[str, ...] = (), labels: dict[str, str] | None = None) -> Path | None:
+    """Bars per benchmark and method: the baseline first, then the methods in ``order``, then the rest by name."""
     d = summary[(summary["experiment"] == experiment) & (summary["metric"] == metric)]
     if d.empty:
         return None
     benches = sorted(d["benchmark"].unique())
-    methods = sorted(d["method"].unique(), key=lambda m: (m != "baseline", m))
+    rank = {m: i for i, m in enumerate(order)}
+    methods = sorted(d["method"].unique(), key=lambda m: (m != "baseline", rank.get(m, len(rank)), m))
     fig, ax = plt.subplots(figsize=(1.8 * len(benches) * max(1, len(methods) / 2) + 2, 4))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         rows = [d[(d["benchmark"] == b) & (d["method"] == method)] for b in benches]
         means = [r["mean"].iloc[0] if len(r) else float("nan") for r in rows]
         stds = [r["std"].fillna(0).iloc[0] if len(r) else 0 for r in rows]
-        ax.bar([i + j * width for i in range(len(benches))], means, width, yerr=stds, capsize=3, label=method)
+        ax.bar([i + j * width for i in range(len(benches))], means, width, yerr=stds, capsize=3,
+               label=(labels or {}).get(method, method))
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(benches))], benches)
     ax.set_ylabel(f"{metric} (lower is better)")
-    ax.set_title(title)
+    ax.set_title(f"{title} (mean ± std over seeds)")
     ax.legend(fontsize=8)
     return _save(fig, out)
 
@@ -130,7 +134,10 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
     jobs = {
         "decoding_efficiency.png": lambda p: decoding_efficiency(summary, p),
         "backbones.png": lambda p: grouped(summary, "backbones", p, "Backbones with / without context prediction"),
-        "stride_ablation.png": lambda p: grouped(summary, "stride_ablation", p, "Stride sets"),
+        "stride_ablation.png": lambda p: grouped(
+            summary, "stride_ablation", p, "Stride sets",
+            order=("strides-1", "strides-12", "conprediff", "strides-1234", "ring-123"),
+            labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"}),
         "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
     }
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):
