@@ -58,6 +58,10 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         ax2 = ax.twinx()
         # Markers, not a line: variants whose runs shared a device record no step time (gaps).
         ax2.plot(range(len(t)), t["mean"], "o", color="tab:red")
+        for i, (n_time, n_quality) in enumerate(zip(t["n"], quality["n"])):
+            if n_time == n_time and n_time < n_quality:  # fewer timed runs than scored ones (shared-device runs)
+                ax2.annotate(f"n={int(n_time)}", (i, t["mean"].iloc[i]), xytext=(6, -3), textcoords="offset points",
+                             fontsize=7, color="tab:red")
         ax2.set_ylim(0, 1.15 * t["mean"].max())
         devices = "; ".join(sorted(set(timing["devices"]) - {""}))
         ax2.set_ylabel("training time per step (s)" + (f"\n{devices}" if devices else ""), color="tab:red")
