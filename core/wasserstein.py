@@ -163,12 +163,12 @@ def w2_sinkhorn(
         valid = torch.ones(cost.shape[:-1], dtype=torch.bool, device=cost.device)
     valid = valid.expand(cost.shape[:-1])
     both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    masked_cost = torch.where(both, cost, torch.zeros_like(cost))
     with torch.no_grad():
         count = valid.sum(-1, keepdim=True).clamp(min=1)
         # Masked entries get a large finite negative log-weight: exp underflows to 0 without inf - inf.
         log_w = torch.where(valid, -count.to(cost.dtype).log(), torch.full_like(cost[..., 0], MASKED_LOG))
-        c = torch.where(both, cost, torch.zeros_like(cost))
-        scale = (reg * c.sum((-1, -2), keepdim=True) / count.unsqueeze(-1) ** 2).clamp(min=1e-12)
+        scale = (reg * masked_cost.sum((-1, -2), keepdim=True) / count.unsqueeze(-1) ** 2).clamp(min=1e-12)
         log_k = torch.where(both, -cost / scale, torch.full_like(cost, MASKED_LOG))
         f = torch.zeros_like(log_w)
         g = torch.zeros_like(log_w)
@@ -176,7 +176,7 @@ def w2_sinkhorn(
             f = torch.where(valid, log_w - torch.logsumexp(log_k + g.unsqueeze(-2), -1), 0.0)
             g = torch.where(valid, log_w - torch.logsumexp(log_k + f.unsqueeze(-1), -2), 0.0)
         plan = torch.exp(log_k + f.unsqueeze(-1) + g.unsqueeze(-2))
-    return (plan * torch.where(both, cost, torch.zeros_like(cost))).sum((-1, -2))
+    return (plan * masked_cost).sum((-1, -2))
 
 
 def w2_sliced(

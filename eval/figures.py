@@ -59,7 +59,7 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         # Markers, not a line: variants whose runs shared a device record no step time (gaps).
         ax2.plot(range(len(t)), t["mean"], "o", color="tab:red")
         for i, (n_time, n_quality) in enumerate(zip(t["n"], quality["n"])):
-            if n_time == n_time and n_time < n_quality:  # fewer timed runs than scored ones (shared-device runs)
+            if pd.notna(n_time) and n_time < n_quality:  # fewer timed runs than scored ones (shared-device runs)
                 ax2.annotate(f"n={int(n_time)}", (i, t["mean"].iloc[i]), xytext=(6, -3), textcoords="offset points",
                              fontsize=7, color="tab:red")
         ax2.set_ylim(0, 1.15 * t["mean"].max())

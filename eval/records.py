@@ -37,13 +37,18 @@ REQUIRED = (
 )
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def device() -> str:
     """The accelerator this process computes on: the CUDA device's name, else ``cpu (N cores)``."""
     import torch  # here, not at the top: reading records needs no torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"cpu ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
+    return f"cpu ({cpu_cores()} cores)"
 
 
 # Optional: "device" (filled by make_record); "superseded", a note on why a record no longer counts

@@ -34,7 +34,7 @@ from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
 from core.train import list_checkpoints, train
-from eval.records import RECORDS, ROOT, append_record, load_records
+from eval.records import RECORDS, ROOT, append_record, cpu_cores, load_records
 
 SCALES = ("smoke", "mini", "paper")
 
@@ -231,15 +231,14 @@ def run_in_parallel(experiment: str, tasks: list[tuple[Preset, int]], args: argp
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // args.jobs)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cpu_cores() // args.jobs)))
     logs = args.runs_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     common = ["--scale", args.scale, "--runs-dir", str(args.runs_dir), "--records", str(records), "--shared-device",
               "--no-tables", *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
               *(x for o in args.overrides for x in ("--set", o))]
 
-    def run(task: tuple[Preset, int]) -> tuple[str, int, float]:
+    def run(task: tuple[Preset, int]) -> tuple[str, int]:
         preset, seed = task
         name, t0 = f"{preset.name}-s{seed}", time.time()
         log = logs / f"{experiment}-{name}.log"
@@ -249,14 +248,14 @@ def run_in_parallel(experiment: str, tasks: list[tuple[Preset, int]], args: argp
                                  "--seeds", str(seed), *common], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         print(f"== {experiment} / {name}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} "
               f"in {time.time() - t0:.0f} s", flush=True)
-        return name, rc, time.time() - t0
+        return name, rc
 
     if args.scale != "smoke":  # shared preparations (an autoencoder) once, before workers could race to make them
         for prepare in dict.fromkeys(p.prepare for p, _ in tasks if p.prepare is not None):
             prepare()
     longest_first = sorted(tasks, key=lambda t: -(t[0].expected_minutes or 0))
     with ThreadPoolExecutor(args.jobs) as pool:
-        failed = [name for name, rc, _ in pool.map(run, longest_first) if rc != 0]
+        failed = [name for name, rc in pool.map(run, longest_first) if rc != 0]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {logs}. "
                          "Re-running the same command resumes them.")
