@@ -63,3 +63,19 @@ def test_jobs_runs_presets_in_parallel_workers(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.stride_ablation", "--scale", "smoke", "--jobs", "0"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "--jobs must be >= 1" in bad.stderr
+
+
+def test_checkpoint_confidence_probes_the_chosen_checkpoints_with_the_chosen_sampler(tmp_path):
+    from tests.conftest import TINY
+    from tests.test_train import run_train
+
+    run_train(tmp_path, TINY + ["train.steps=4", "train.checkpoint_every=2"])
+    probe = [sys.executable, "-m", "experiments.unconditional.checkpoint_confidence", str(tmp_path), "--samples", "4",
+             "--steps", "3"]
+    out = subprocess.run(probe + ["--checkpoints", "2", "--sampler", "ddpm"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, check=True).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(r["step"], r["sampler"], r["samples"]) for r in lines] == [(2, "ddpm-3-noclip", 4)]
+    assert lines[0]["confident_digits"] * 4 in {0, 1, 2, 3, 4}  # a fraction of the 4 samples
+    missing = subprocess.run(probe + ["--checkpoints", "2,3"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no checkpoint at step(s) [3]" in missing.stderr and "[2, 4]" in missing.stderr

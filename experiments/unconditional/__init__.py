@@ -68,8 +68,8 @@ def estimated_minutes(step_time_ratio: float) -> float:
 
 PRESETS = [
     # Minutes per seed: mean of the 3 committed runs, 2026-11-22, 2 CPU cores, nothing else running
-    # (training, 1,000 samples, metrics). The 6-run table takes ~65 minutes; with --jobs 2 a seed pair
-    # took 943 s (2026-11-23), so ~47 minutes.
+    # (training, 1,000 samples, metrics). The 6-run table takes ~65 minutes one run at a time; with
+    # --jobs 2 it took 2,767 s from scratch (2026-11-23, results/reproductions/).
     Preset("mini-digits16-baseline", "mini", "baseline", "digits16", MINI, expected_minutes=9.9),
     Preset("mini-digits16-conprediff", "mini", "conprediff", "digits16",
            _with(MINI, context={"enabled": True}), expected_minutes=11.7),

@@ -1,10 +1,12 @@
 """confident_digits of a run's EMA weights at each checkpoint still on disk: the tuning probe for mini budgets.
 
     python -m experiments.unconditional.checkpoint_confidence runs/mini-digits16-baseline-s0 [--samples 512 --steps 25]
+    python -m experiments.unconditional.checkpoint_confidence RUN --checkpoints 2000 --sampler ddpm --steps 1000
 
-Samples ``--samples`` images (seeds 0..N-1, DDIM ``--steps``) from the EMA weights saved with each
-checkpoint and prints one JSON line per checkpoint. Cheaper than a full evaluation (no FD, fewer
-samples), so it is a probe for choosing a step budget, not a result for the tables.
+Samples ``--samples`` images (seeds 0..N-1; ``--sampler`` DDIM or ancestral DDPM with ``--steps``,
+x0 clipping as the run's config says) from the EMA weights saved with each checkpoint (or only those
+at ``--checkpoints``) and prints one JSON line per checkpoint. Cheaper than a full evaluation (no FD,
+fewer samples), so it is a probe for choosing a step budget or a sampler, not a result for the tables.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 
 
-def checkpoint_confidence(run_dir: Path, checkpoint: Path, samples: int, steps: int, batch: int = 128) -> float:
+def checkpoint_confidence(
+    run_dir: Path, checkpoint: Path, samples: int, steps: int, sampler: str = "ddim", batch: int = 128
+) -> float:
     from diffusers import DDPMScheduler
 
     from core.config import RunConfig
@@ -32,7 +36,7 @@ def checkpoint_confidence(run_dir: Path, checkpoint: Path, samples: int, steps: 
     for p, s in zip(unet.parameters(), ema["shadow_params"], strict=True):
         p.data.copy_(s)
     base = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler")
-    x = torch.cat([denoise(unet, sampling_scheduler(base, "ddim", cfg.diffusion.clip_sample), range(i, min(samples, i + batch)), steps)
+    x = torch.cat([denoise(unet, sampling_scheduler(base, sampler, cfg.diffusion.clip_sample), range(i, min(samples, i + batch)), steps)
                    for i in range(0, samples, batch)])
     _, probs = classifier_outputs(x, cfg.data.resolution)
     return float((probs.max(1) >= 0.9).mean())
@@ -43,6 +47,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--checkpoints", help="comma-separated training steps to probe (default: every checkpoint on disk)")
     args = parser.parse_args()
     import yaml
 
@@ -51,10 +57,15 @@ def main() -> None:
     from core.train import list_checkpoints
 
     diffusion = RunConfig.from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text())).diffusion
-    diffusion.sampler, diffusion.sampling_steps, diffusion.guidance_scale = "ddim", args.steps, 1.0
+    diffusion.sampler, diffusion.sampling_steps, diffusion.guidance_scale = args.sampler, args.steps, 1.0
     sampler = sampler_name(diffusion)
-    for step, path in list_checkpoints(args.run_dir):
-        value = checkpoint_confidence(args.run_dir, path, args.samples, args.steps)
+    wanted = None if args.checkpoints is None else {int(s) for s in args.checkpoints.split(",")}
+    found = [(step, path) for step, path in list_checkpoints(args.run_dir) if wanted is None or step in wanted]
+    if wanted is not None and len(found) != len(wanted):
+        raise SystemExit(f"{args.run_dir}: no checkpoint at step(s) {sorted(wanted - {s for s, _ in found})}; "
+                         f"on disk: {[s for s, _ in list_checkpoints(args.run_dir)]}")
+    for step, path in found:
+        value = checkpoint_confidence(args.run_dir, path, args.samples, args.steps, args.sampler)
         print(json.dumps({"run": args.run_dir.name, "step": step, "confident_digits": value, "samples": args.samples,
                           "sampler": sampler}), flush=True)
 
