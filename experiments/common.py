@@ -36,7 +36,7 @@ from core.sample import load_png, sample_pipeline, save_grid
 from core.train import list_checkpoints, train
 from eval.records import RECORDS, ROOT, append_record, cpu_cores, load_records
 
-SCALES = ("smoke", "mini", "paper")
+SCALES = ("smoke", "mini", "mini-long", "paper")  # mini-long: a mini preset trained longer, where one exists
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Preset:
     """One row of a paper table, at one scale."""
 
     name: str
-    scale: str  # mini | paper
+    scale: str  # mini | mini-long | paper
     method: str  # baseline | conprediff | a variant label
     benchmark: str
     config: dict
@@ -265,7 +265,7 @@ def main(
     experiment: str, presets: list[Preset], doc: str, argv: list[str] | None = None,
     evaluate: Callable = evaluate_unconditional,
 ) -> None:
-    names = "\n".join(f"  {p.name:40s} {p.scale:5s} paper: {p.paper}"
+    names = "\n".join(f"  {p.name:40s} {p.scale:9s} paper: {p.paper}"
                       + (f" (~{p.expected_minutes:g} min/seed on 2 CPU cores"
                          f"{', estimated' if p.minutes_estimated else ''})" if p.expected_minutes else "")
                       for p in presets)
@@ -292,6 +292,9 @@ def main(
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [p for p in presets if args.scale == "smoke" or p.scale == args.scale]
+    if not chosen:
+        parser.error(f"no presets at --scale {args.scale} in this experiment; its scales: "
+                     f"{', '.join(sorted({p.scale for p in presets}))} (and smoke)")
     if args.presets:
         wanted = args.presets.split(",")
         unknown = sorted(set(wanted) - {p.name for p in presets})
