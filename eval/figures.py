@@ -102,7 +102,8 @@ def curves(experiment: str, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for k, f in enumerate(files):
         rows = read_jsonl(f)
-        steps, color = [r["step"] for r in rows], f"C{k % 10}"  # one colour per run on both panels
+        # one colour per run on both panels; tab20 when ten default colours would repeat
+        steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(files) > 10 else f"C{k}")
         axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
         if "context_loss" in rows[0]:
             axes[1].plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1, color=color)
