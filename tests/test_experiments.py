@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_train import ENV
+from tests.conftest import ROOT, TINY
+from tests.test_train import ENV, run_train
 
 EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation", "backbones"]
 
@@ -66,9 +66,6 @@ def test_jobs_runs_presets_in_parallel_workers(tmp_path):
 
 
 def test_checkpoint_confidence_probes_the_chosen_checkpoints_with_the_chosen_sampler(tmp_path):
-    from tests.conftest import TINY
-    from tests.test_train import run_train
-
     run_train(tmp_path, TINY + ["train.steps=4", "train.checkpoint_every=2"])
     probe = [sys.executable, "-m", "experiments.unconditional.checkpoint_confidence", str(tmp_path), "--samples", "4",
              "--steps", "3"]

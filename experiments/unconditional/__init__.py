@@ -59,12 +59,12 @@ def _paper(dataset: str, steps: int, batch: int) -> dict:
     }
 
 
-def estimated_minutes(step_time_ratio: float) -> float:
-    """Minutes per seed on 2 idle CPU cores for a MINI variant trained here only on a shared GPU: the
-    baseline's training (2,000 steps x 0.252 s = 8.4 min) scaled by the variant's step-time ratio from
-    ``benchmarks/overhead.py --experiment ...`` (benchmarks/RESULTS.md), plus the 1.5 min of sampling and
-    metrics (9.9 - 8.4). An estimate, not a measured run."""
-    return round(8.4 * step_time_ratio + 1.5, 1)
+def estimated_minutes(step_time_ratio: float, steps: int = 2000) -> float:
+    """Minutes per seed on 2 idle CPU cores for a MINI variant not timed alone there: the baseline's
+    training (2,000 steps x 0.252 s = 8.4 min) scaled by the variant's step-time ratio (e.g. from
+    ``benchmarks/overhead.py --experiment ...``, benchmarks/RESULTS.md) and by ``steps / 2000``, plus the
+    1.5 min of sampling and metrics (9.9 - 8.4). An estimate, not a measured run."""
+    return round(8.4 * step_time_ratio * steps / 2000 + 1.5, 1)
 
 
 PRESETS = [
@@ -77,11 +77,12 @@ PRESETS = [
     # [choice] mini-long: the mini rows trained 2.5x longer. A probe of baseline seed 0 trained on to 5,000 steps
     # gained ~0.02 confident_digits per 500 steps up to 3,500 (results/tuning/noclip-probe/), towards issue 6's
     # 0.80 bar; the table asks whether ConPreDiff's gap to a better-trained baseline closes. Minutes: estimated
-    # from the mini runs' 2,000-step times, training x2.5 plus the same sampling and metrics.
+    # from the mini rows' measured minutes (ConPreDiff's training: (11.7 - 1.5) / 8.4 of the baseline's).
     Preset("mini-long-digits16-baseline", "mini-long", "baseline", "digits16", _with(MINI, train={"steps": 5000}),
-           expected_minutes=22.5, minutes_estimated=True),
+           expected_minutes=estimated_minutes(1.0, steps=5000), minutes_estimated=True),
     Preset("mini-long-digits16-conprediff", "mini-long", "conprediff", "digits16",
-           _with(MINI, context={"enabled": True}, train={"steps": 5000}), expected_minutes=27.0, minutes_estimated=True),
+           _with(MINI, context={"enabled": True}, train={"steps": 5000}),
+           expected_minutes=estimated_minutes((11.7 - 1.5) / 8.4, steps=5000), minutes_estimated=True),
     Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "celebahq256", _paper("celebahq256", 410_000, 48),
            paper="FID 5.11 (LDM-4, as cited)", num_samples=50_000),
     Preset("paper-celebahq256-conprediff", "paper", "conprediff", "celebahq256",

@@ -59,12 +59,11 @@ def main() -> None:
     diffusion = RunConfig.from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text())).diffusion
     diffusion.sampler, diffusion.sampling_steps, diffusion.guidance_scale = args.sampler, args.steps, 1.0
     sampler = sampler_name(diffusion)
-    wanted = None if args.checkpoints is None else {int(s) for s in args.checkpoints.split(",")}
-    found = [(step, path) for step, path in list_checkpoints(args.run_dir) if wanted is None or step in wanted]
-    if wanted is not None and len(found) != len(wanted):
-        raise SystemExit(f"{args.run_dir}: no checkpoint at step(s) {sorted(wanted - {s for s, _ in found})}; "
-                         f"on disk: {[s for s, _ in list_checkpoints(args.run_dir)]}")
-    for step, path in found:
+    on_disk = dict(list_checkpoints(args.run_dir))
+    wanted = sorted(on_disk) if args.checkpoints is None else sorted({int(s) for s in args.checkpoints.split(",")})
+    if missing := [s for s in wanted if s not in on_disk]:
+        raise SystemExit(f"{args.run_dir}: no checkpoint at step(s) {missing}; on disk: {sorted(on_disk)}")
+    for step, path in ((s, on_disk[s]) for s in wanted):
         value = checkpoint_confidence(args.run_dir, path, args.samples, args.steps, args.sampler)
         print(json.dumps({"run": args.run_dir.name, "step": step, "confident_digits": value, "samples": args.samples,
                           "sampler": sampler}), flush=True)
