@@ -7,6 +7,8 @@ overrides, and the number the paper reports) and calls :func:`main`. Scales:
   get a generated imagefolder and a random autoencoder in place of data and weights. Proves the
   code path runs; measures nothing (records go to ``<runs>/smoke-records.jsonl``).
 * ``mini``: the mini presets on the embedded digits, 2-core CPU budgets, proxy metrics.
+* ``mini-long`` / ``mini-gpu``: the same task trained longer (CPU) or larger (32x32, one GPU), where an
+  experiment has such presets; proxy metrics, reported as scales of their own.
 * ``paper``: the paper presets on the user's prepared data, GPUs and standard metric weights.
 
 Every stage resumes: training from its last checkpoint, sampling skips existing PNGs, and a
@@ -36,7 +38,9 @@ from core.sample import load_png, sample_pipeline, save_grid
 from core.train import list_checkpoints, train
 from eval.records import RECORDS, ROOT, append_record, cpu_cores, load_records
 
-SCALES = ("smoke", "mini", "mini-long", "paper")  # mini-long: a mini preset trained longer, where one exists
+# mini-long: a mini preset trained longer, where one exists; mini-gpu: a larger mini setting (32x32 digits, a
+# bigger UNet, more steps) for one GPU, same proxy metrics.
+SCALES = ("smoke", "mini", "mini-long", "mini-gpu", "paper")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Preset:
     """One row of a paper table, at one scale."""
 
     name: str
-    scale: str  # mini | mini-long | paper
+    scale: str  # one of SCALES but smoke
     method: str  # baseline | conprediff | a variant label
     benchmark: str
     config: dict
@@ -147,7 +151,8 @@ def evaluate_unconditional(
     if not missing:
         return []
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
-                            cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
+                            cfg.diffusion.sampler, cfg.diffusion.sampling_steps,
+                            batch_size=256 if torch.cuda.is_available() else 64, prompts=prompts,
                             guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample)
     from accelerate import PartialState
 
