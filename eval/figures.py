@@ -6,7 +6,7 @@
   (mean +- std over seeds), measured training time per step as markers on a second axis;
 * ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
 * ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
-* ``curves_<experiment>.png``: point and context loss over training, one line per run;
+* ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
 Records marked ``superseded`` are left out. Figures without current records are skipped (listed, and
 an older file of that name removed). Output is deterministic.
@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from core.runlog import read_jsonl  # noqa: E402
 
-from .records import RECORDS, ROOT, load_records  # noqa: E402
+from .records import RECORDS, ROOT, SCALES, load_records, scale_of  # noqa: E402
 from .tables import summarize  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -95,28 +95,38 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metri
     return _save(fig, out)
 
 
+def _scale_rank(scale: str) -> int:
+    """Scales in SCALES order (mini, mini-long, mini-gpu, ...), names without a known scale last."""
+    return SCALES.index(scale) if scale in SCALES else len(SCALES)
+
+
 def curves(experiment: str, out: Path) -> Path | None:
+    """One row per scale (read off the run names): point loss and context loss over steps, a line per run."""
     files = sorted((RESULTS / "curves" / experiment).glob("*.jsonl"))
     if not files:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for k, f in enumerate(files):
-        rows = read_jsonl(f)
-        # one colour per run on both panels; tab20 when ten default colours would repeat
-        steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(files) > 10 else f"C{k}")
-        axes[0].plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
-        if "context_loss" in rows[0]:
-            axes[1].plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1, color=color)
-    axes[0].set(title="point (denoising) loss", xlabel="step", yscale="log")
-    axes[1].set(title="context loss (sum over strides of W2²)", xlabel="step")
-    axes[0].legend(fontsize=6)
-    if axes[1].lines:
-        axes[1].legend(fontsize=6)
+    scales = sorted({scale_of(f.stem) for f in files}, key=_scale_rank)
+    fig, axes = plt.subplots(len(scales), 2, figsize=(10, 3.5 * len(scales)), squeeze=False)
+    for (point_ax, context_ax), scale in zip(axes, scales):
+        mine = [f for f in files if scale_of(f.stem) == scale]
+        for k, f in enumerate(mine):
+            rows = read_jsonl(f)
+            # one colour per run on both panels; tab20 when ten default colours would repeat
+            steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(mine) > 10 else f"C{k}")
+            point_ax.plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
+            if "context_loss" in rows[0]:
+                context_ax.plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1, color=color)
+        point_ax.set(title=f"point (denoising) loss{f', scale {scale}' if scale else ''}", xlabel="step", yscale="log")
+        context_ax.set(title="context loss (sum over strides of W2²)", xlabel="step")
+        point_ax.legend(fontsize=6)
+        if context_ax.lines:
+            context_ax.legend(fontsize=6)
     return _save(fig, out)
 
 
 def samples(experiment: str, out: Path) -> Path | None:
-    grids = sorted((RESULTS / "grids" / experiment).glob("*-s0.png"))
+    grids = sorted((RESULTS / "grids" / experiment).glob("*-s0.png"),
+                   key=lambda g: (_scale_rank(scale_of(g.stem)), g.stem))
     if not grids:
         return None
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.6), squeeze=False)

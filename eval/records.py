@@ -16,12 +16,20 @@ from core.runlog import append_jsonl, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "records.jsonl"
+# Every preset's name starts with its scale. mini-long: a mini preset trained longer, where one exists;
+# mini-gpu: a larger mini setting (32x32 digits, a bigger UNet) for one GPU, same proxy metrics.
+SCALES = ("smoke", "mini", "mini-long", "mini-gpu", "paper")
+
+
+def scale_of(preset: str) -> str:
+    """The scale a preset (or run) name starts with: ``mini-long-digits16-baseline-s0`` -> ``mini-long``."""
+    return max((s for s in SCALES if preset == s or preset.startswith(s + "-")), key=len, default="")
 
 REQUIRED = (
     "experiment",  # unconditional | text_to_image | inpainting | stride_ablation | weight_ablation | decoding_ablation | backbones
     "benchmark",  # e.g. digits16, celebahq256, digits16/wide (inpainting: dataset/mask)
     "method",  # baseline | conprediff | a variant label (strides-12, explicit, ...)
-    "scale",  # smoke | mini | paper | mini-gpu ...
+    "scale",  # one of SCALES
     "preset",
     "seed",  # training seed
     "metric",  # protocol in the name: fd_digits_1k, fid30k_cleanfid, lpips_alex, ...

@@ -36,11 +36,8 @@ from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
 from core.train import list_checkpoints, train
-from eval.records import RECORDS, ROOT, append_record, cpu_cores, load_records
+from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records
 
-# mini-long: a mini preset trained longer, where one exists; mini-gpu: a larger mini setting (32x32 digits, a
-# bigger UNet, more steps) for one GPU, same proxy metrics.
-SCALES = ("smoke", "mini", "mini-long", "mini-gpu", "paper")
 
 
 @dataclass

@@ -40,15 +40,16 @@ def test_kid_and_precision_recall_behave():
     assert p < 0.05 and r < 0.05
 
 
-def test_committed_classifier_accuracy_and_batch_size_independence():
+@pytest.mark.parametrize("resolution", [16, 32])  # 32: the mini-gpu scale, 28 px digits upscaled
+def test_committed_classifier_accuracy_and_batch_size_independence(resolution):
     from core.config import DataConfig
     from core.data import ImageData
 
-    test = ImageData(DataConfig(resolution=16, split="test"))
+    test = ImageData(DataConfig(resolution=resolution, split="test", allow_upscale=True))
     x, y = test.images(range(len(test))), np.array(test.labels)
-    feats, probs = metrics.classifier_outputs(x, 16, batch_size=500)
+    feats, probs = metrics.classifier_outputs(x, resolution, batch_size=500)
     assert (probs.argmax(1) == y).mean() >= 0.97
-    feats_small, _ = metrics.classifier_outputs(x, 16, batch_size=7)
+    feats_small, _ = metrics.classifier_outputs(x, resolution, batch_size=7)
     np.testing.assert_allclose(feats, feats_small, rtol=1e-5, atol=1e-6)
 
 

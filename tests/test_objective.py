@@ -5,7 +5,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from core.config import ContextConfig, ModelConfig, RunConfig
 from core.models import build_scheduler, build_unet
-from core.objective import ContextPrediction, DiffusionTrainingModule, posterior_mean_coefficients
+from core.objective import (ContextPrediction, DiffusionTrainingModule, image_generators, posterior_mean_coefficients,
+                            randn_per_image)
 from core.train import build_training_module
 
 
@@ -92,3 +93,22 @@ def test_conditional_unet_with_context():
     x0 = torch.randn(2, 1, 16, 16)
     losses = module(x0, torch.randn_like(x0), torch.tensor([3, 4]), encoder_hidden_states=torch.randn(2, 5, 16))
     assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA path of randn_per_image needs a GPU"))])
+def test_randn_per_image_depends_on_each_image_generator_alone(device):
+    """Image b's block is a function of gens[b] only (so of its global index, not of the batch or process
+    split); on CPU it is exactly what gens[b] draws, on CUDA it is drawn there from a seed gens[b] gives."""
+    whole = randn_per_image(image_generators(0, 5, range(6)), (3, 4), device)
+    part = randn_per_image(image_generators(0, 5, range(4, 6)), (3, 4), device)
+    assert whole.shape == (6, 3, 4) and whole.device.type == device
+    torch.testing.assert_close(whole[4:], part)
+    assert not torch.equal(whole[0], whole[1])
+    stacked = randn_per_image(image_generators(0, 5, range(6)), (3, 4), device, dim=1)
+    torch.testing.assert_close(stacked.transpose(0, 1), whole)
+    if device == "cpu":
+        ref = torch.randn(3, 4, generator=image_generators(0, 5, [2])[0])
+        torch.testing.assert_close(whole[2], ref, rtol=0, atol=0)
+    else:
+        assert 0.5 < whole.std().item() < 1.5

@@ -68,6 +68,35 @@ def test_figures_are_deterministic(tmp_path):
     assert grouped(summary, "stride_ablation", tmp_path / "none.png", "t") is None
 
 
+def test_scale_of_reads_the_longest_scale_prefix():
+    from eval.records import scale_of
+
+    assert scale_of("mini-digits16-baseline-s0") == "mini"
+    assert scale_of("mini-long-digits16-conprediff-s2") == "mini-long"
+    assert scale_of("mini-gpu-digits32-baseline-s4") == "mini-gpu"
+    assert scale_of("paper-celebahq256-conprediff") == "paper"
+    assert scale_of("minimal-run") == ""
+
+
+def test_curves_draw_one_row_per_scale(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from eval import figures
+
+    folder = tmp_path / "curves" / "unconditional"
+    folder.mkdir(parents=True)
+    for run in ("mini-digits16-baseline-s0", "mini-digits16-conprediff-s0", "mini-gpu-digits32-baseline-s0"):
+        rows = [{"step": s, "point_loss": 1 / s, **({"context_loss": 2 / s} if "conprediff" in run else {})}
+                for s in (10, 20, 30)]
+        (folder / f"{run}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(figures, "RESULTS", tmp_path)
+    one_row = 3.5 * figures.SAVE["dpi"]
+    height = plt.imread(figures.curves("unconditional", tmp_path / "c.png")).shape[0]
+    assert 1.8 * one_row < height < 2.2 * one_row  # mini and mini-gpu
+    (folder / "mini-gpu-digits32-baseline-s0.jsonl").unlink()
+    assert plt.imread(figures.curves("unconditional", tmp_path / "c.png")).shape[0] < 1.2 * one_row
+
+
 def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tmp_path):
     from eval.figures import write_figures
 
