@@ -105,10 +105,13 @@ def curves(experiment: str, out: Path) -> Path | None:
     files = sorted((RESULTS / "curves" / experiment).glob("*.jsonl"))
     if not files:
         return None
-    scales = sorted({scale_of(f.stem) for f in files}, key=_scale_rank)
+    by_scale: dict[str, list[Path]] = {}
+    for f in files:
+        by_scale.setdefault(scale_of(f.stem), []).append(f)
+    scales = sorted(by_scale, key=_scale_rank)
     fig, axes = plt.subplots(len(scales), 2, figsize=(10, 3.5 * len(scales)), squeeze=False)
     for (point_ax, context_ax), scale in zip(axes, scales):
-        mine = [f for f in files if scale_of(f.stem) == scale]
+        mine = by_scale[scale]
         for k, f in enumerate(mine):
             rows = read_jsonl(f)
             # one colour per run on both panels; tab20 when ten default colours would repeat

@@ -39,7 +39,6 @@ from core.train import list_checkpoints, train
 from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records
 
 
-
 @dataclass
 class Preset:
     """One row of a paper table, at one scale."""
@@ -148,8 +147,7 @@ def evaluate_unconditional(
     if not missing:
         return []
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
-                            cfg.diffusion.sampler, cfg.diffusion.sampling_steps,
-                            batch_size=256 if torch.cuda.is_available() else 64, prompts=prompts,
+                            cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
                             guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample)
     from accelerate import PartialState
 

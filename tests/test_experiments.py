@@ -47,6 +47,17 @@ def test_every_preset_runs_at_smoke_scale(experiment, runs_dir):
         json.loads(l)["scale"] != "smoke" for l in (ROOT / "results" / "records.jsonl").read_text().splitlines())
 
 
+def test_preset_names_start_with_their_scale():
+    """eval.records.scale_of reads a run's scale off its name (figures group curves by it)."""
+    from importlib import import_module
+
+    from eval.records import scale_of
+
+    for experiment in EXPERIMENTS:
+        for preset in import_module(f"experiments.{experiment}").PRESETS:
+            assert scale_of(preset.name) == preset.scale, (experiment, preset.name)
+
+
 def test_jobs_runs_presets_in_parallel_workers(tmp_path):
     """--jobs 2: each (preset, seed) in its own worker, logs per run, one records file, no step time."""
     proc = subprocess.run([sys.executable, "-m", "experiments.stride_ablation", "--scale", "smoke", "--runs-dir", str(tmp_path),
