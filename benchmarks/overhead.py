@@ -15,6 +15,7 @@ exported ConPreDiff model *is* a stock UNet of the same config, so both are iden
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -41,15 +42,48 @@ VARIANTS = {
 }
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 def sync(device):
-    if device == "cuda":
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
+def precision_context(precision: str, device) -> contextlib.AbstractContextManager:
+    """Set TF32 for ``precision`` and return the forward pass's autocast context.
+
+    ``fp32``: TF32 off (matmul and cuDNN); ``tf32``: TF32 on; ``bf16``: TF32 on plus ``torch.autocast`` to
+    bfloat16 around the forward pass, as accelerate's ``mixed_precision="bf16"`` does.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def state_bytes(module: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes held between steps by a training run: parameters and optimizer state."""
+    tensors = list(module.parameters()) + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, warmup,
-               diffusion_cfg: DiffusionConfig | None = None) -> dict[str, list[float]]:
+               diffusion_cfg: DiffusionConfig | None = None, *, precision: str = "fp32", text_tokens: int = 0,
+               peak_memory: dict | None = None, profile: dict | None = None) -> dict[str, list[float]]:
     """Seconds per optimizer step for each variant (None = baseline), one step of each in turn per round,
-    so a change in machine load during the run hits every variant alike."""
+    so a change in machine load during the run hits every variant alike.
+
+    ``text_tokens``: conditional UNets (``model_cfg.cross_attention_dim``) get random text states
+    ``(batch, text_tokens, cross_attention_dim)``. ``peak_memory``: on CUDA, filled with each variant's bytes
+    as one training process would need them: its parameters and optimizer state plus the peak the step
+    allocates on top of what was allocated before it (the other variants' models share the GPU here).
+    ``profile``: filled with each variant's ``torch.profiler`` averages of one extra, untimed step run after
+    the timed ones, with the ranges ``step: forward``, ``step: backward`` and ``step: optimizer``.
+    """
     runs = {}
     for name, ctx_cfg in variants.items():
         torch.manual_seed(0)
@@ -58,22 +92,46 @@ def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, 
         module = DiffusionTrainingModule(unet, build_scheduler(diffusion_cfg or DiffusionConfig()), ctx).to(device)
         runs[name] = (module, torch.optim.AdamW(module.parameters(), lr=1e-4), ctx is not None)
     x0 = torch.randn(batch, channels, size, size, device=device)
+    cond = None
+    if model_cfg.cross_attention_dim is not None:
+        cond = torch.randn(batch, max(1, text_tokens), model_cfg.cross_attention_dim, device=device)
+    autocast = precision_context(precision, device)
+    cuda = str(device).startswith("cuda")
     times = {name: [] for name in variants}
-    for i in range(warmup + steps):
+    for i in range(warmup + steps + (profile is not None)):
         for name, (module, opt, has_ctx) in runs.items():
+            profiling = i == warmup + steps
+            prof = contextlib.nullcontext()
+            if profiling:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+                prof = torch.profiler.profile(activities=activities)
             sync(device)
+            if cuda:
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             gens = image_generators(0, i, range(batch))
             t = torch.cat([torch.randint(0, module.scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in gens]).to(device)
             noise = randn_per_image(gens, x0.shape[1:], device)
-            losses = module(x0, noise, t, generators=gens if has_ctx else None)
-            losses["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with prof:
+                with torch.profiler.record_function("step: forward"), autocast:
+                    losses = module(x0, noise, t, cond, generators=gens if has_ctx else None)
+                with torch.profiler.record_function("step: backward"):
+                    losses["loss"].backward()
+                with torch.profiler.record_function("step: optimizer"):
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                sync(device)
             sync(device)
-            if i >= warmup:
+            if profiling:
+                profile[name] = prof.key_averages()
+            elif i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                if cuda and peak_memory is not None:
+                    used = state_bytes(module, opt) + torch.cuda.max_memory_allocated(device) - before
+                    peak_memory[name] = max(peak_memory.get(name, 0), used)
     return times
 
 

@@ -9,11 +9,13 @@ leaves i.i.d. samples), so every pair has equal sizes and the problem is an assi
 Solvers:
 
 * ``exact``: for ``D = 1`` the sorted matching (optimal in one dimension); otherwise the
-  optimal matching from SciPy's Hungarian solver (C, one call per set) on CPU,
-  or, on CUDA, from a dynamic programme over subsets of matched targets batched over all sets
-  on the device (``O(K 2^K)`` per set, ``K <= EXACT_DP_MAX_K``, no host round-trip). Measured on
-  2 CPU cores (benchmarks/RESULTS.md) the SciPy loop is ~3x faster than the DP on CPU, hence
-  this split; ``exact_method`` forces either. The matching is found without gradients and the cost of
+  optimal matching from SciPy's Hungarian solver (C, one call per set) on CPU; on CUDA, for
+  ``K <= EXACT_DP_MAX_K``, a dynamic programme over subsets of matched targets batched over all
+  sets (``O(K 2^K)`` per set), and for larger K (the ring pattern's K = 8s) a batched shortest
+  augmenting path solver (Jonker-Volgenant, :func:`assignment_jv`), both on the device with no
+  host round-trip. Measured on CPU (benchmarks/RESULTS.md) the SciPy loop is ~3x faster than the
+  DP and 3-4x faster than the batched solver, hence this split; ``exact_method`` forces any of
+  them. The matching is found without gradients and the cost of
   the optimal matching is then evaluated differentiably, which is the gradient of W2^2 wherever
   the optimum is unique (envelope theorem).
 * ``sinkhorn``: entropic OT in the log domain, batched; returns the transport cost of the
@@ -55,6 +57,13 @@ def _subset_dp_tables(k: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     return layers
 
 
+@functools.lru_cache(maxsize=32)
+def _subset_dp_tables_on(k: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`_subset_dp_tables` on ``device``, copied once: a host-to-device copy every call would stall
+    the CUDA stream (and the CPU's launches ahead of it) in the middle of every training step."""
+    return [tuple(t.to(device) for t in layer) for layer in _subset_dp_tables(k)]
+
+
 @torch.no_grad()
 def assignment_subset_dp(cost: torch.Tensor) -> torch.Tensor:
     """Optimal assignment of every batched ``(N, K, K)`` cost matrix: ``perm (N, K)``, row i -> column perm[i].
@@ -63,21 +72,20 @@ def assignment_subset_dp(cost: torch.Tensor) -> torch.Tensor:
     ``0..popcount(m)-1`` to the column set ``m``.
     """
     n, k, _ = cost.shape
-    cost_t = cost.permute(1, 2, 0)  # (K, K, N): every gather below copies whole rows of N
+    cost_t = cost.permute(1, 2, 0).contiguous()  # (K, K, N): every gather below copies whole rows of N
     dp = cost.new_full((1 << k, n), math.inf)
     dp[0] = 0
-    choice = torch.zeros(1 << k, n, dtype=torch.long, device=cost.device)
-    for p, (layer, prev, bits) in enumerate(_subset_dp_tables(k), start=1):
-        layer, prev, bits = layer.to(cost.device), prev.to(cost.device), bits.to(cost.device)
+    choice = torch.zeros(1 << k, n, dtype=torch.int8, device=cost.device)  # the column (< K <= 12) row p-1 took
+    for p, (layer, prev, bits) in enumerate(_subset_dp_tables_on(k, str(cost.device)), start=1):
         candidates = dp[prev] + cost_t[p - 1][bits]  # (n_layer, p, N)
         best, arg = candidates.min(1)
         dp[layer] = best
-        choice[layer] = bits.gather(1, arg)
+        choice[layer] = bits.gather(1, arg).to(torch.int8)
     # Walk back from the full set: row K-1 took choice[full], and so on.
     perm = torch.empty(n, k, dtype=torch.long, device=cost.device)
     mask = torch.full((1, n), (1 << k) - 1, dtype=torch.long, device=cost.device)
     for row in range(k - 1, -1, -1):
-        col = choice.gather(0, mask).squeeze(0)
+        col = choice.gather(0, mask).squeeze(0).long()
         perm[:, row] = col
         mask = mask ^ (1 << col)
     return perm
@@ -91,6 +99,116 @@ def assignment_scipy(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(perm).to(cost.device)
 
 
+@torch.no_grad()
+def assignment_jv(cost: torch.Tensor) -> torch.Tensor:
+    """Optimal assignment of every batched ``(N, K, K)`` cost matrix: ``perm (N, K)``, row i -> column perm[i].
+
+    The shortest augmenting path method (Jonker & Volgenant 1987, in the form of Crouse 2016,
+    "On implementing 2D rectangular assignment algorithms", IEEE TAES 52(4), the algorithm behind
+    ``scipy.optimize.linear_sum_assignment``), vectorised over the batch in plain torch, so the same
+    code runs on CPU and CUDA. Rows are added one at a time (phase ``r`` matches row ``r``); in each
+    phase a Dijkstra search over reduced costs ``c[i, j] - u[i] - v[j]`` runs in every set at once,
+    then the dual potentials ``u, v`` are updated and the matching is flipped along the path.
+    Exact by construction (up to the rounding of ``cost.dtype``): the final potentials certify
+    optimality. Phase ``r`` visits at most ``r + 1`` columns per set, so at most ``K (K + 1) / 2``
+    batched steps run in all; sets that reached a free column leave the working batch (whenever a
+    quarter of it has), so the work per step follows the sets still searching. Measured against
+    SciPy's loop in ``benchmarks/w2_solvers.py --exact``; tested against SciPy in tests/test_wasserstein.py.
+
+    Entries may be ``+inf`` (forbidden pairs) as long as every set keeps a finite perfect matching;
+    a set without one, or with a NaN cost, gets the identity permutation (its W2 is then inf/NaN).
+    """
+    if cost.dtype not in (torch.float32, torch.float64):
+        cost = cost.float()
+    n, k, _ = cost.shape
+    dev = cost.device
+    u = cost.new_zeros(n, k)
+    v = cost.new_zeros(n, k)
+    col4row = torch.full((n, k), -1, dtype=torch.long, device=dev)
+    row4col = torch.full((n, k), -1, dtype=torch.long, device=dev)
+    bad = torch.isnan(cost).flatten(1).any(1)
+    cost_rows, u_flat = cost.reshape(n * k, k), u.view(-1)
+    inf = torch.tensor(math.inf, dtype=cost.dtype, device=dev)
+    for cur in range(k):
+        # Each set's search tree, written out as sets finish: the distance at which each column was
+        # reached (inf: not reached), the row it was reached from, the last distance and the free column found.
+        final_all = cost.new_full((n, k), math.inf)
+        path_all = torch.full((n, k), cur, dtype=torch.long, device=dev)
+        min_val_all = cost.new_zeros(n)
+        sink_all = torch.zeros(n, dtype=torch.long, device=dev)
+        reached_all = torch.zeros(n, dtype=torch.bool, device=dev)
+        # Working batch: the sets still searching. Reached columns get v = -inf, so relaxing them gives +inf;
+        # finished sets get an infinite base, so nothing of theirs changes until they are written out.
+        ids = torch.arange(n, device=dev)
+        idsk = ids * k
+        free, r4c, v_w = row4col < 0, row4col.clone(), v.clone()
+        taken = ~free
+        dist, final, path = final_all.clone(), final_all.clone(), path_all.clone()
+        row = torch.full((n,), cur, dtype=torch.long, device=dev)
+        min_val, sink, reached = min_val_all.clone(), sink_all.clone(), reached_all.clone()
+        active = torch.ones(n, dtype=torch.bool, device=dev)
+        for step in range(cur + 1):
+            # Relax every column through the row just reached (Dijkstra on reduced costs c - u - v).
+            flat = idsk + row
+            base = torch.where(active, min_val - u_flat.index_select(0, flat), inf)
+            reduced = cost_rows.index_select(0, flat) - v_w + base.unsqueeze(1)
+            better = reduced < dist
+            dist = torch.where(better, reduced, dist)
+            path = torch.where(better, row.unsqueeze(1), path)
+            # Reach the closest column, a free one among ties (ends the search sooner).
+            lowest, col = dist.min(1)
+            lowest_free, col_free = dist.masked_fill(taken, math.inf).min(1)
+            col = torch.where(active, torch.where(lowest_free <= lowest, col_free, col), sink)
+            min_val = torch.where(active, lowest, min_val)
+            c1 = col.unsqueeze(1)
+            dist.scatter_(1, c1, math.inf)
+            final.scatter_(1, c1, min_val.unsqueeze(1))
+            v_w.scatter_(1, c1, -math.inf)
+            reached = free.gather(1, c1).squeeze(1)
+            row = torch.where(reached, row, r4c.gather(1, c1).squeeze(1))
+            sink = col
+            active = active & ~reached
+            m = active.numel()
+            left = 0 if step == cur else int(active.sum())
+            if 4 * (m - left) < m:
+                continue
+            # Write out the finished sets (all of them at the phase's last step) and shrink the batch.
+            done = ~active if step < cur else torch.ones_like(active)
+            d = done.nonzero().squeeze(1)
+            g = ids.index_select(0, d)
+            for full, part in ((final_all, final), (path_all, path), (min_val_all, min_val), (sink_all, sink),
+                               (reached_all, reached)):
+                full.index_copy_(0, g, part.index_select(0, d))
+            keep = active.nonzero().squeeze(1) if step < cur else d[:0]
+            if keep.numel() == 0:
+                break
+            ids, idsk, row, min_val, free, taken, r4c, v_w, dist, final, path, sink, active = (
+                x.index_select(0, keep)
+                for x in (ids, idsk, row, min_val, free, taken, r4c, v_w, dist, final, path, sink, active))
+        # Dual update (Crouse 2016, Algorithm 4): v_j += d_j - minVal on reached columns, u_i += minVal - d_j on
+        # the rows matched to them and u_cur += minVal; then flip the matching along each path.
+        bad |= ~reached_all | ~torch.isfinite(min_val_all)
+        mv = min_val_all.unsqueeze(1)
+        reached_col = final_all < math.inf
+        v = torch.where(reached_col, v - mv + final_all, v)
+        shift = torch.where(reached_col & (row4col >= 0), mv - final_all, torch.zeros_like(final_all))
+        u.scatter_add_(1, row4col.clamp(min=0), shift)
+        u[:, cur] += min_val_all
+        j = sink_all
+        going = torch.ones(n, dtype=torch.bool, device=dev)
+        for _ in range(cur + 1):
+            i = path_all.gather(1, j.unsqueeze(1))
+            prev = col4row.gather(1, i).squeeze(1)
+            row4col.scatter_(1, j.unsqueeze(1), torch.where(going.unsqueeze(1), i, row4col.gather(1, j.unsqueeze(1))))
+            col4row.scatter_(1, i, torch.where(going, j, prev).unsqueeze(1))
+            going = going & (i.squeeze(1) != cur)
+            if not bool(going.any()):
+                break
+            j = torch.where(going, prev, j).clamp(min=0)
+    identity = torch.arange(k, device=dev).expand(n, k)
+    return torch.where(bad.unsqueeze(1) | (col4row < 0), identity, col4row)
+
+
 def _masked_cost(cost: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Forbid matching a valid point to an invalid one; invalid-invalid pairs cost nothing."""
     if valid is None:
@@ -100,7 +218,19 @@ def _masked_cost(cost: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     return torch.where(both, cost, torch.zeros((), dtype=cost.dtype, device=cost.device)).masked_fill(mixed, math.inf)
 
 
-EXACT_METHODS = ("auto", "dp", "hungarian")
+EXACT_METHODS = ("auto", "dp", "jv", "hungarian")
+
+
+def exact_method_for(k: int, cuda: bool) -> str:
+    """The assignment solver ``w2_exact(method="auto")`` uses for sets of ``K = k`` points (``D > 1``).
+
+    CUDA: the subset DP up to ``EXACT_DP_MAX_K`` (2 ms for 16,384 sets of 8 on an H100), the batched
+    shortest augmenting path above. CPU: SciPy's loop, 3-4x faster than either batched solver on
+    2 cores (benchmarks/RESULTS.md).
+    """
+    if cuda:
+        return "dp" if k <= EXACT_DP_MAX_K else "jv"
+    return "hungarian"
 
 
 def w2_exact(
@@ -108,8 +238,11 @@ def w2_exact(
 ) -> torch.Tensor:
     """Exact W2^2 per set: ``(..., K, D) x2 [, (..., K)] -> (...)``.
 
-    ``method``: ``dp`` (batched subset DP, K <= EXACT_DP_MAX_K), ``hungarian`` (SciPy per set), or
-    ``auto``: sorting for ``D = 1`` (exact in one dimension), the DP on CUDA when K allows, SciPy otherwise.
+    ``method``: ``dp`` (batched subset DP, K <= EXACT_DP_MAX_K), ``jv`` (batched shortest augmenting
+    path, any K), ``hungarian`` (SciPy per set), or ``auto``: sorting for ``D = 1`` (exact in one
+    dimension); on CUDA the DP when ``K <= EXACT_DP_MAX_K``, else ``jv``; SciPy on CPU.
+    Sets whose costs are not finite (NaN or inf points) get an arbitrary matching from ``dp``/``jv``
+    (their W2^2 is NaN/inf whatever the matching); SciPy raises on NaN.
     """
     if method not in EXACT_METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(EXACT_METHODS)}")
@@ -120,10 +253,13 @@ def w2_exact(
     v = None if valid is None else valid.expand(*batch, k).reshape(-1, k)
     with torch.no_grad():
         cost = _masked_cost(pairwise_sq_dists(p, t), v)
-        use_dp = method == "dp" or (method == "auto" and pred.is_cuda and k <= EXACT_DP_MAX_K)
-        if use_dp and k > EXACT_DP_MAX_K:
-            raise ValueError(f"the subset DP handles K <= {EXACT_DP_MAX_K} points per set, got K={k}")
-        perm = assignment_subset_dp(cost) if use_dp else assignment_scipy(cost)
+        if method == "auto":
+            method = exact_method_for(k, pred.is_cuda)
+        if method == "dp" and k > EXACT_DP_MAX_K:
+            raise ValueError(f"the subset DP handles K <= {EXACT_DP_MAX_K} points per set, got K={k}; "
+                             "use exact_method='jv' or 'hungarian'")
+        solve = {"dp": assignment_subset_dp, "jv": assignment_jv, "hungarian": assignment_scipy}[method]
+        perm = solve(cost)
     matched = t.gather(1, perm.unsqueeze(-1).expand(-1, k, d))
     sq = (p - matched).pow(2).sum(-1)  # (N, K)
     if v is None:
@@ -227,6 +363,7 @@ def w2_sets(
         valid: ``(..., K)`` boolean, broadcastable; masks the same positions of both sets.
             Sets with no valid point give 0.
         solver: one of ``exact``, ``sinkhorn``, ``sliced``.
+        exact_method: how ``exact`` finds the matching, one of ``EXACT_METHODS`` (see :func:`w2_exact`).
 
     Returns:
         ``(...)`` W2^2 per set pair, differentiable in ``pred`` and ``target``.
