@@ -6,6 +6,7 @@
   (mean +- std over seeds), measured training time per step as markers on a second axis;
 * ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
 * ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
+  ``readings.png``: quality per changed choice (readings and confounds) beside the baseline and ConPreDiff;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
 Records marked ``superseded`` are left out. Figures without current records are skipped (listed, and
@@ -26,7 +27,7 @@ import pandas as pd  # noqa: E402
 from core.runlog import read_jsonl  # noqa: E402
 
 from .records import RECORDS, ROOT, SCALES, load_records, scale_of  # noqa: E402
-from .tables import summarize  # noqa: E402
+from .tables import summarize, with_borrowed  # noqa: E402
 
 RESULTS = ROOT / "results"
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
@@ -143,7 +144,7 @@ def samples(experiment: str, out: Path) -> Path | None:
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
     """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize([r for r in load_records(records_path) if not r.get("superseded")])
+    summary = with_borrowed(summarize([r for r in load_records(records_path) if not r.get("superseded")]))
     twice = summary[summary.duplicated(["experiment", "scale", "benchmark", "method", "metric"], keep=False)]
     if not twice.empty:  # a bar per row: two current samplers for one row would draw one of them silently
         raise ValueError("rows measured with more than one current sampler (mark the older records superseded):\n"
@@ -157,6 +158,10 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
             order=("strides-1", "strides-12", "conprediff", "strides-1234", "ring-123"),
             labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"}),
         "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
+        "readings.png": lambda p: grouped(
+            summary, "readings", p, "Readings: one choice of ConPreDiff changed per bar",
+            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-features+denoised"),
+            labels={"conprediff": "conprediff (default choices)"}),
     }
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):
         jobs[f"curves_{experiment}.png"] = lambda p, e=experiment: curves(e, p)

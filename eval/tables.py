@@ -4,20 +4,27 @@
     python -m eval.tables --records R.jsonl --out DIR       # elsewhere (the golden-file test does this)
 
 Per table: a *paper scale* block (the paper's numbers, with this repository's paper-scale numbers
-beside them when it has any) and one block per other scale and sampler (mean +- std over training
-seeds, n, the difference to the baseline sampled the same way with two standard errors, and whether
-the paper's direction of effect holds at that scale). Records carrying a ``superseded`` note (e.g.
-the mini runs first sampled with x0 clipping) keep their own blocks, last and labelled with the
-note. Output has no timestamps: running it twice gives no diff.
+beside them when it has any) and, per other scale, one block per protocol (sampler, training steps,
+number of samples, reference set: records differing in any of these are never averaged together).
+Each block gives mean +- std over training seeds, n, and each method's difference to the baseline of
+the same protocol with a named test: the paired t-test by seed where both arms share their seeds,
+Welch's t-test otherwise, its p, the 95% CI of the difference, and Holm-adjusted p across the
+comparison's metrics. "Better"/"worse" means p < 0.05; everything else is "inconclusive". Records
+carrying a ``superseded`` note (e.g. the mini runs first sampled with x0 clipping) keep their own
+blocks, last and labelled with the note. Output has no timestamps: running it twice gives no diff.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .records import RECORDS, ROOT, load_records
 
@@ -30,9 +37,16 @@ TABLES = {
     "weight_ablation": "Context weight λ (not in the paper)",
     "decoding_ablation": "Context decoding efficiency (paper Figure 4, as a table)",
     "backbones": "Backbones with and without context prediction (paper Figure 5, as a table)",
+    "readings": "Readings and confounds: our choices where the paper is silent (not in the paper)",
 }
+# Rows a table shows from another experiment's records (the same runs, never re-measured): the readings compare
+# each changed choice with the unconditional table's baseline and ConPreDiff.
+BORROWED = {"readings": ("unconditional", ("baseline", "conprediff"))}
 HIGHER_IS_BETTER = ("acc", "prompt_acc", "precision", "recall", "psnr", "confident")
 BASELINE = "baseline"
+# The paper's row our baseline presets reproduce at paper scale (its number and ours share a line when the
+# protocols match).
+PAPER_BASELINE = {"unconditional": "LDM-4", "text_to_image": "LDM-KL-8-G"}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -49,45 +63,183 @@ def mean_std(mean: float, std: float, n: int) -> str:
     return f"{fmt(mean)} (n={n})" if n < 2 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
 
 
+class TableError(ValueError):
+    pass
+
+
+# A cell holds the records of one protocol: the same scale, sampler, training length (checkpoint), number of
+# samples and reference set. Records differing in any of these are never averaged together.
+PROTOCOL = ["checkpoint", "n_samples", "reference"]
+BLOCK = ["experiment", "scale", "superseded", "sampler", *PROTOCOL]
+CELL = [*BLOCK, "benchmark", "method", "metric"]
+ALPHA = 0.05
+# Comparisons beyond "each method vs the baseline": (method, reference method) pairs a table also tests,
+# where RESULTS.md states an ordering between two variants.
+EXTRA_COMPARISONS = {
+    "decoding_ablation": [("conprediff", "explicit"), ("sinkhorn", "conprediff")],
+    "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
+    "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
+                                             "reads-features+denoised")],
+}
+
+
+def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
+    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, in the blocks (scale and protocol) where
+    the table has records of its own and no cell of that method."""
+    extra = []
+    for table, (source, methods) in BORROWED.items():
+        own = summary[summary["experiment"] == table]
+        blocks = set(map(tuple, own[BLOCK[1:]].values.tolist()))
+        have = set(map(tuple, own[CELL].values.tolist()))
+        rows = summary[(summary["experiment"] == source) & summary["method"].isin(methods)].assign(experiment=table)
+        keep = [tuple(r[1:len(BLOCK)]) in blocks and tuple(r) not in have for r in rows[CELL].values.tolist()]
+        extra.append(rows[keep])
+    return pd.concat([summary, *extra], ignore_index=True) if extra else summary
+
+
 def summarize(records: list[dict]) -> pd.DataFrame:
-    """One row per (experiment, scale, sampler, superseded, benchmark, method, metric): mean, std, n, seeds, devices."""
-    cols = ["experiment", "scale", "sampler", "superseded", "benchmark", "method", "metric"]
+    """One row per cell (``CELL``: experiment, scale, superseded, sampler, checkpoint, n_samples, reference,
+    benchmark, method, metric): mean, std, n, seeds, the per-seed values and the devices.
+
+    Raises ``TableError`` naming the records when one cell holds two records of the same seed (a run measured
+    twice with the same protocol): which one counts is not the table's to guess.
+    """
+    out_cols = CELL + ["mean", "std", "n", "seeds", "values", "devices"]
     if not records:
-        return pd.DataFrame(columns=cols + ["mean", "std", "n", "seeds", "n_samples", "devices"])
+        return pd.DataFrame(columns=out_cols)
     df = pd.DataFrame(records)
     for optional in ("device", "superseded"):
         df[optional] = df[optional].fillna("") if optional in df else ""
-    g = df.groupby(cols, sort=True)
+    twice = df[df.duplicated(CELL + ["seed"], keep=False)]
+    if not twice.empty:
+        shown = twice[["experiment", "preset", "seed", "checkpoint", "n_samples", "sampler", "metric", "value", "time"]]
+        raise TableError("records measured twice with the same protocol (same preset, seed, checkpoint, samples, "
+                         "sampler, reference and metric); remove or mark one superseded:\n"
+                         + shown.to_string(index=False))
+    g = df.sort_values("seed").groupby(CELL, sort=True)
     out = g["value"].agg(mean="mean", std="std", n="count").reset_index()
-    out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s)))).values
-    out["n_samples"] = g["n_samples"].agg("max").values
+    out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, s))).values
+    out["values"] = g.apply(lambda d: dict(zip(d["seed"], d["value"])), include_groups=False).values
     out["devices"] = g["device"].agg(lambda s: "; ".join(sorted(set(s) - {""}))).values
+    return out[out_cols]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``method`` minus ``reference`` on one metric: Δ of the means, the 95% CI of Δ and p of the deciding test.
+
+    ``test`` is ``paired`` (paired t-test by seed; both arms have the same seeds, n >= 2) or ``welch`` (Welch's
+    unequal-variance t-test; n >= 2 per arm), or ``""`` when neither applies (then p and the CI are NaN).
+    ``p_welch`` is given whenever both arms have n >= 2, so a table can show both.
+    """
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float
+    test: str
+    p_welch: float
+
+
+def compare(method: dict[int, float], reference: dict[int, float], confidence: float = 0.95) -> Comparison:
+    """Compare two arms given as ``{training seed: value}``.
+
+    Paired t-test by seed (``scipy.stats.ttest_rel``) on the seeds both arms share, when they share at least 2: a
+    seed fixes the initial weights, the data order and the noise, so each seed is a block. Then Δ is the mean
+    paired difference over those seeds (equal to the difference of the means when the arms have the same seeds).
+    Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) on all values otherwise, Δ = mean(method) -
+    mean(reference). Two-sided; the CI uses the same test's t quantile (Welch-Satterthwaite degrees of freedom
+    for Welch). ``test`` is ``paired``, ``paired on seeds 0,1,2`` (a subset of either arm), ``welch`` or ``""``.
+    """
+    a, b = np.array(list(method.values()), float), np.array(list(reference.values()), float)
+    nan = math.nan
+    p_welch, welch = nan, None
+    shared = sorted(set(method) & set(reference))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero variance: scipy warns and returns NaN, which we report as such
+        if len(a) >= 2 and len(b) >= 2:
+            welch = stats.ttest_ind(a, b, equal_var=False)
+            p_welch = float(welch.pvalue)
+        if len(shared) >= 2:
+            x, y = [method[s] for s in shared], [reference[s] for s in shared]
+            res = stats.ttest_rel(x, y)
+            ci = res.confidence_interval(confidence)
+            test = "paired" if len(shared) == len(a) == len(b) else "paired on seeds " + ",".join(map(str, shared))
+            return Comparison(float(np.mean(x) - np.mean(y)), float(ci.low), float(ci.high), float(res.pvalue), test,
+                              p_welch)
+        delta = float(a.mean() - b.mean())
+        if welch is not None:
+            ci = welch.confidence_interval(confidence)
+            return Comparison(delta, float(ci.low), float(ci.high), p_welch, "welch", p_welch)
+    return Comparison(delta, nan, nan, nan, "", p_welch)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979), same order as given; NaNs stay NaN and are not counted."""
+    idx = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
+    out, running = [math.nan] * len(pvalues), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * pvalues[i]))
+        out[i] = running
     return out
 
 
+def verdict(c: Comparison, metric: str, p_holm: float) -> str:
+    """``better``/``worse`` only at p < ALPHA of the deciding test; ``(not after Holm)`` when the Holm-adjusted p
+    across the comparison's metrics is not below ALPHA."""
+    if not c.test:
+        return "n < 2 seeds"
+    if math.isnan(c.p) or c.p >= ALPHA:
+        return "inconclusive"
+    better = c.delta > 0 if higher_is_better(metric) else c.delta < 0
+    return ("better" if better else "worse") + ("" if p_holm < ALPHA else " (not after Holm)")
+
+
 def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add delta vs the baseline of the same (experiment, scale, sampler, superseded, benchmark, metric), 2 SE, and a verdict."""
+    """Add, for every method other than the baseline, its comparison with the baseline of the same cell
+    protocol (and the table's ``EXTRA_COMPARISONS``): ``vs``, ``delta``, ``ci_low``, ``ci_high``, ``test``,
+    ``p``, ``p_welch``, ``p_holm`` (Holm across the metrics of one method-vs-reference comparison in one block)
+    and ``verdict``."""
+    extra = ["vs", "delta", "ci_low", "ci_high", "test", "p", "p_welch", "p_holm", "verdict"]
     rows = []
-    same = ["experiment", "scale", "sampler", "superseded", "benchmark", "metric"]
-    base = summary[summary["method"] == BASELINE].set_index(same)
-    for r in summary.itertuples(index=False):
-        d = r._asdict()
-        key = tuple(d[k] for k in same)
-        d["delta"], d["two_se"], d["verdict"] = math.nan, math.nan, ""
-        if r.method != BASELINE and key in base.index:
-            b = base.loc[key]
-            d["delta"] = r.mean - b["mean"]
-            if r.n >= 2 and b["n"] >= 2:
-                d["two_se"] = 2 * math.sqrt(r.std**2 / r.n + b["std"] ** 2 / b["n"])
-                better = d["delta"] > 0 if higher_is_better(r.metric) else d["delta"] < 0
-                if abs(d["delta"]) <= d["two_se"]:
-                    d["verdict"] = "inconclusive"
-                else:
-                    d["verdict"] = "better than baseline" if better else "worse than baseline"
-            else:
-                d["verdict"] = "n < 2 seeds"
-        rows.append(d)
-    return pd.DataFrame(rows, columns=list(summary.columns) + ["delta", "two_se", "verdict"])
+    same = [c for c in CELL if c != "method"]
+    by_key = {tuple(r[k] for k in CELL): r for r in summary.to_dict("records")}
+    for r in summary.to_dict("records"):
+        refs = [BASELINE] if r["method"] != BASELINE else []
+        refs += [ref for m, ref in EXTRA_COMPARISONS.get(r["experiment"], []) if m == r["method"]]
+        if not refs:
+            rows.append({**r, **dict.fromkeys(extra, ""), "delta": math.nan, "p": math.nan, "p_holm": math.nan})
+        for ref in refs:
+            base = by_key.get(tuple(r[k] for k in same[:-2]) + (r["benchmark"], ref, r["metric"]))
+            if base is None:
+                rows.append({**r, **dict.fromkeys(extra, ""), "vs": ref, "delta": math.nan, "p": math.nan,
+                             "p_holm": math.nan, "verdict": f"no {ref} with this protocol"})
+                continue
+            c = compare(r["values"], base["values"])
+            rows.append({**r, "vs": ref, "delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high, "test": c.test,
+                         "p": c.p, "p_welch": c.p_welch, "p_holm": math.nan, "verdict": ""})
+    out = pd.DataFrame(rows, columns=list(summary.columns) + extra)
+    # Holm across the quality metrics of one comparison (block, benchmark, method, reference); step time is a
+    # cost, not a quality claim, and is its own family.
+    out["_cost"] = out["metric"] == "step_time_s"
+    for _, family in out[out["vs"] != ""].groupby(BLOCK + ["benchmark", "method", "vs", "_cost"], sort=False):
+        adjusted = holm([float(p) for p in family["p"]])
+        for i, p_adj in zip(family.index, adjusted):
+            out.at[i, "p_holm"] = p_adj
+    for i, r in out[(out["vs"] != "") & (out["verdict"] == "")].iterrows():
+        c = Comparison(r["delta"], r["ci_low"], r["ci_high"], r["p"], r["test"], r["p_welch"])
+        out.at[i, "verdict"] = verdict(c, r["metric"], r["p_holm"])
+    return out.drop(columns="_cost")
+
+
+def fmt_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)) or p == "":
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def _text(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
 def shown_path(path: Path) -> str:
@@ -98,39 +250,84 @@ def shown_path(path: Path) -> str:
 
 def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str = "results/records.jsonl") -> str:
     lines = [f"# {TABLES[name]}", "",
-             f"Generated by `python -m eval.tables` from `{records}` and `eval/paper_numbers.csv`; do not edit.", ""]
+             f"Generated by `python -m eval.tables` from `{records}` and `eval/paper_numbers.csv`; do not edit.", "",
+             VERDICT_RULE, ""]
     ours = summary[summary["experiment"] == name]
     p = paper[paper["table"] == name]
-    # Paper scale: the paper's numbers, with ours at paper scale beside them.
-    lines += ["## Paper scale", "", "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Source |", "|---|---|---|---|---|---|"]
-    ours_paper = ours[ours["scale"] == "paper"]
-    keys = sorted(set(zip(p["benchmark"], p["method"], p["metric"])) | set(zip(ours_paper["benchmark"], ours_paper["method"], ours_paper["metric"])))
-    for bench, method, metric in keys:
-        pv = p[(p["benchmark"] == bench) & (p["method"] == method) & (p["metric"] == metric)]
-        ov = ours_paper[(ours_paper["benchmark"] == bench) & (ours_paper["method"] == method) & (ours_paper["metric"] == metric)]
-        paper_val = fmt(float(pv["value"].iloc[0])) if len(pv) else "n/a"
-        source = pv["source"].iloc[0] if len(pv) else "this repository"
-        our_val = mean_std(ov["mean"].iloc[0], ov["std"].iloc[0], ov["n"].iloc[0]) if len(ov) else "not run"
-        lines.append(f"| {bench} | {method} | {metric} | {paper_val} | {our_val} | {source} |")
-    if not keys:
-        lines.append("| n/a | n/a | n/a | n/a | not run | the paper reports no values |")
-    # Other scales, one block per sampler (current ones first): ours, with the delta to the baseline.
+    if name in BORROWED:
+        source, methods = BORROWED[name]
+        lines += [f"Rows {', '.join(methods)} are the `{source}` table's records (the same runs), shown here to compare "
+                  "against.", ""]
+    # Paper scale: the paper's numbers, each with its protocol; ours on the same line only where the protocol is
+    # the same (paper_numbers.csv's our_metric, or the same metric name), else on lines of their own.
+    lines += ["## Paper scale", "",
+              "| Benchmark | Method | Metric | Paper | Paper's protocol | This repo (mean ± std, n) | Source |",
+              "|---|---|---|---|---|---|---|"]
+    ours_paper = ours[(ours["scale"] == "paper") & ours["vs"].isin(["", BASELINE])]
+    used = set()
+    for r in p.sort_values(["benchmark", "method", "metric"]).itertuples(index=False):
+        same = ours_paper[(ours_paper["benchmark"] == r.benchmark)
+                          & ours_paper["method"].isin({r.method, BASELINE} if PAPER_BASELINE.get(name) == r.method
+                                                      else {r.method})
+                          & ours_paper["metric"].isin({r.metric, _text(getattr(r, "our_metric", ""))} - {""})]
+        used |= set(same.index)
+        our_val = "; ".join(f"{mean_std(o.mean, o.std, o.n)} ({o.metric})" for o in same.itertuples()) or "not run"
+        lines.append(f"| {r.benchmark} | {r.method} | {r.metric} | {fmt(float(r.value))} | "
+                     f"{_text(getattr(r, 'protocol', '')) or 'not stated'} | {our_val} | {r.source} |")
+    for o in ours_paper.drop(index=list(used)).sort_values(["benchmark", "method", "metric"]).itertuples():
+        lines.append(f"| {o.benchmark} | {o.method} | {o.metric} | n/a | | {mean_std(o.mean, o.std, o.n)} "
+                     "| this repository |")
+    if p.empty and ours_paper.empty:
+        lines.append("| n/a | n/a | n/a | n/a | | not run | the paper reports no values |")
+    # Other scales, one block per protocol (current ones first): ours, with the comparison to the baseline.
     for scale in sorted(set(ours["scale"]) - {"paper"}):
         lines += ["", f"## Scale: {scale}"]
         at_scale = ours[ours["scale"] == scale]
-        for (superseded, sampler), block in sorted(at_scale.groupby(["superseded", "sampler"]), key=lambda kv: kv[0]):
-            lines += ["", f"### Sampler `{sampler}`" + (" (superseded)" if superseded else ""), ""]
+        blocks = sorted(at_scale.groupby(BLOCK[2:], sort=False), key=lambda kv: (kv[0][0] != "", *map(str, kv[0])))
+        for (superseded, sampler, checkpoint, n_samples, reference), block in blocks:
+            lines += ["", f"### Sampler `{sampler}`, {checkpoint:,} training steps, {n_samples:,} samples"
+                      + (" (superseded)" if superseded else ""), ""]
             lines += [f"Superseded: {superseded}", ""] if superseded else []
-            lines += [*_devices(block),
-                      "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline (± 2 SE) | Verdict |",
-                      "|---|---|---|---|---|---|---|"]
-            for r in block.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):
-                delta = "" if math.isnan(r.delta) else ("+" if r.delta >= 0 else "") + fmt(r.delta) + (
-                    "" if math.isnan(r.two_se) else f" ± {fmt(r.two_se)}")
+            lines += [f"Reference set: {reference}.", "", *_devices(block),
+                      "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline [95% CI] "
+                      "| p (test) | p Holm | Verdict |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            main = block[block["vs"].isin(["", BASELINE])]
+            for r in main.sort_values(["benchmark", "metric", "method"], key=_baseline_first).itertuples(index=False):
                 arrow = "↑" if higher_is_better(r.metric) else "↓"
                 lines.append(f"| {r.benchmark} | {r.method} | {r.metric} {arrow} | n/a | {mean_std(r.mean, r.std, r.n)} "
-                             f"| {delta} | {r.verdict} |")
+                             f"| {_delta(r)} | {_p(r)} | {fmt_p(r.p_holm)} | {r.verdict} |")
+            others = block[~block["vs"].isin(["", BASELINE])]
+            if not others.empty:
+                lines += ["", "Comparisons between variants (same rule):", "",
+                          "| Benchmark | Metric | Method | vs | Δ (method − vs) [95% CI] | p (test) | p Holm | Verdict |",
+                          "|---|---|---|---|---|---|---|---|"]
+                for r in others.sort_values(["benchmark", "method", "vs", "metric"]).itertuples(index=False):
+                    arrow = "↑" if higher_is_better(r.metric) else "↓"
+                    lines.append(f"| {r.benchmark} | {r.metric} {arrow} | {r.method} | {r.vs} | {_delta(r)} | {_p(r)} "
+                                 f"| {fmt_p(r.p_holm)} | {r.verdict} |")
     return "\n".join(lines) + "\n"
+
+
+VERDICT_RULE = (
+    "Verdict: better or worse only where the deciding test gives p < 0.05, two-sided: the paired t-test by "
+    "training seed on the seeds both arms share (`paired`, or `paired on seeds …` when one arm has more seeds; Δ "
+    "is then the mean paired difference), Welch's t-test on all seeds when fewer than 2 are shared (`welch`). The "
+    "95% CI of Δ comes from the same test. `p Holm` is Holm-adjusted across the quality metrics of one comparison "
+    "(step time is its own family); a verdict that does not survive it says `(not after Holm)`. Anything else is "
+    "inconclusive.")
+
+
+def _delta(r) -> str:
+    if isinstance(r.delta, str) or math.isnan(r.delta):
+        return ""
+    sign = lambda x: ("+" if x >= 0 else "") + fmt(x)  # noqa: E731
+    ci = "" if r.ci_low == "" or math.isnan(r.ci_low) else f" [{sign(r.ci_low)}, {sign(r.ci_high)}]"
+    return sign(r.delta) + ci
+
+
+def _p(r) -> str:
+    return f"{fmt_p(r.p)} ({r.test})" if r.test else ""
 
 
 def _devices(block: pd.DataFrame) -> list[str]:
@@ -156,7 +353,7 @@ def _baseline_first(col: pd.Series) -> pd.Series:
 
 
 def write_tables(records_path: Path = RECORDS, out_dir: Path = ROOT / "tables", paper_path: Path = PAPER) -> list[Path]:
-    summary = with_deltas(summarize(load_records(records_path)))
+    summary = with_deltas(with_borrowed(summarize(load_records(records_path))))
     paper = pd.read_csv(paper_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -164,9 +361,37 @@ def write_tables(records_path: Path = RECORDS, out_dir: Path = ROOT / "tables", 
         md = out_dir / f"{name}.md"
         md.write_text(render(name, summary, paper, shown_path(records_path)))
         csv = out_dir / f"{name}.csv"
-        summary[summary["experiment"] == name].to_csv(csv, index=False, float_format="%.6g")
+        rows = summary[summary["experiment"] == name].copy()
+        rows["values"] = rows["values"].map(lambda v: ";".join(f"{x:.6g}" for x in v.values()))
+        rows.to_csv(csv, index=False, float_format="%.6g")
         written += [md, csv]
-    return written
+    verdicts = out_dir / "verdicts.md"
+    verdicts.write_text(render_verdicts(summary, shown_path(records_path)))
+    return written + [verdicts]
+
+
+def render_verdicts(summary: pd.DataFrame, records: str) -> str:
+    """Every comparison of the current (not superseded) blocks, one line per comparison: its significant metrics.
+
+    The one place RESULTS.md and README.md take a "better" or "worse" from.
+    """
+    lines = ["# Verdicts", "", f"Generated by `python -m eval.tables` from `{records}`; do not edit. Current records "
+             "only (superseded blocks are in each table). Per comparison (a method against the baseline, or against "
+             "another variant, in one block: table, scale, sampler, training steps, samples), the quality metrics "
+             "whose difference is significant (p < 0.05; step time left out) and how many are inconclusive.", "",
+             VERDICT_RULE, "",
+             "| Table | Scale | Sampler, steps, samples | Benchmark | Method | vs | n | Better (p; Holm) | Worse (p; Holm) "
+             "| Inconclusive |", "|---|---|---|---|---|---|---|---|---|---|"]
+    cur = summary[(summary["superseded"] == "") & (summary["vs"] != "") & (summary["metric"] != "step_time_s")]
+    keys = ["experiment", "scale", "sampler", "checkpoint", "n_samples", "benchmark", "method", "vs"]
+    for key, g in cur.groupby(keys, sort=False):
+        exp, scale, sampler, ck, ns, bench, method, vs = key
+        cell = lambda word: "; ".join(  # noqa: E731
+            f"{r.metric} ({fmt_p(r.p)}; {fmt_p(r.p_holm)})" for r in g.itertuples() if r.verdict.startswith(word)) or "–"
+        n = "/".join(sorted({f"{r.n}" for r in g.itertuples()}))
+        lines.append(f"| {exp} | {scale} | {sampler}, {ck:,}, {ns:,} | {bench} | {method} | {vs} | {n} | {cell('better')} "
+                     f"| {cell('worse')} | {int((g['verdict'] == 'inconclusive').sum())} of {len(g)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

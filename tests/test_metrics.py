@@ -92,3 +92,24 @@ def test_missing_classifier_weights_say_how_to_make_them():
     with pytest.raises(FileNotFoundError, match="python -m eval.digits_classifier --resolution 12"):
         load_classifier(12)
     assert isinstance(DigitsClassifier()(torch.zeros(1, 1, 16, 16)), torch.Tensor)
+
+
+def test_fd_context_is_zero_for_identical_sets_permutation_invariant_and_separates_noise():
+    import torch
+
+    from eval.context_stats import fd_context, neighborhood_vectors
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 18, 18, generator=g), 3, 1) * 2 - 1  # (64,1,16,16)
+    other = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 18, 18, generator=g), 3, 1) * 2 - 1
+    noise = torch.rand(64, 1, 16, 16, generator=g) * 2 - 1
+    assert fd_context(smooth, smooth) == pytest.approx(0, abs=1e-6)
+    assert fd_context(other, smooth) < 0.1 * fd_context(noise, smooth)
+    # A point's neighbors form a set: mirroring every image permutes each ring, the centre stays put.
+    v = neighborhood_vectors(smooth, 2)
+    assert v.shape == (64 * 12 * 12, 9)
+    mirrored = neighborhood_vectors(smooth.flip(-1), 2)
+    assert sorted(map(tuple, v.round(6))) == sorted(map(tuple, mirrored.round(6)))
+    # By hand, one interior point of stride 1: its value, then its 8 neighbors in ascending order.
+    x = torch.arange(9.0).view(1, 1, 3, 3)
+    assert neighborhood_vectors(x, 1).tolist() == [[4.0, 0, 1, 2, 3, 5, 6, 7, 8]]
