@@ -3,11 +3,16 @@
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and
 what is allowed. ``RunConfig.from_dict(d)`` builds a config; ``cfg.to_dict()`` round-trips it;
 ``apply_overrides(d, ["train.steps=10"])`` edits a dict with dotted keys (values parsed as YAML).
+
+YAML is read with YAML 1.2 booleans (only ``true``/``false``): YAML 1.1 would turn a config's own
+spelling ``mixed_precision: no`` into ``False``. An override of a string-typed key keeps its text
+as written (``--set train.mixed_precision=no``, ``--set name=007``); ``null`` sets an optional one to None.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +24,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or impossible."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: ``no``/``yes``/``on``/``off`` stay strings."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML (see :class:`ConfigLoader`)."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -42,6 +64,10 @@ class ContextConfig:
     decoder: str = "distribution"  # distribution (ConPreDiff) | explicit (one head per neighbor)
     solver: str = "exact"  # exact | sinkhorn | sliced
     target: str = "posterior_mean"  # posterior_mean (x_{t-1} mean) | x0
+    # What the decoder reads at each point [choice]: features (the last up-block's output) | denoised (the model's
+    # own x_{t-1} estimate at that point, the "denoised point" of the paper's Figure 1) | features+denoised (both,
+    # concatenated). The denoised inputs carry the context gradient to the UNet's output (continuous backbones).
+    decoder_input: str = "features"
     latent_dim: int = 32
     hidden_dim: int = 64
     depth: int = 2
@@ -57,6 +83,7 @@ class ContextConfig:
         _choice(f"{p}.decoder", self.decoder, ("distribution", "explicit"))
         _choice(f"{p}.solver", self.solver, ("exact", "sinkhorn", "sliced"))
         _choice(f"{p}.target", self.target, ("posterior_mean", "x0"))
+        _choice(f"{p}.decoder_input", self.decoder_input, ("features", "denoised", "features+denoised"))
         _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
         _check(f"{p}.point_fraction", 0 < self.point_fraction <= 1, "must be in (0, 1]")
         for k in ("latent_dim", "hidden_dim", "sinkhorn_iters", "sliced_projections"):
@@ -75,8 +102,14 @@ class ModelConfig:
     mid_attention: bool = False  # attention in the UNet's middle block
     norm_num_groups: int = 8
     cross_attention_dim: int | None = None  # set for text-to-image (UNet2DConditionModel)
-    vae: str | None = None  # backbone=latent: folder of a diffusers AutoencoderKL or VQModel (frozen)
-    text_encoder: str | None = None  # text-to-image: "minilm" (offline PyPI package) or a transformers folder
+    vae: str | None = None  # backbone=latent: diffusers AutoencoderKL/VQModel (frozen): a local folder or a hub id
+    vae_revision: str | None = None  # hub id only: the pinned commit (or branch/tag) to download
+    vae_subfolder: str | None = None  # hub id or folder: where the autoencoder sits inside it (e.g. "vqvae")
+    latent_scale: float | None = None  # latents = encoder output x this; None: the autoencoder config's scaling_factor
+    text_encoder: str | None = None  # text-to-image: "minilm" (offline PyPI package), a transformers folder or hub id
+    text_encoder_revision: str | None = None  # hub id only: the pinned commit (or branch/tag)
+    head_channels: int | None = 8  # channels per attention head (CompVis num_head_channels)
+    num_heads: int | None = None  # heads per attention layer instead (CompVis num_heads); conditional UNet only
     token_levels: int = 8  # backbone=discrete: grey levels per pixel (tokens), codebook = level centres
     token_embed_dim: int = 32  # backbone=discrete: token embedding width fed to the UNet
 
@@ -89,16 +122,29 @@ class ModelConfig:
         _check(f"{p}.layers_per_block", self.layers_per_block >= 1, "must be >= 1")
         _check(f"{p}.text_encoder", (self.text_encoder is None) == (self.cross_attention_dim is None),
                "text_encoder and cross_attention_dim are set together (text-to-image) or not at all")
+        _check(f"{p}.num_heads", (self.head_channels is None) != (self.num_heads is None),
+               "set exactly one of head_channels (channels per head) and num_heads (heads per layer)")
+        _check(f"{p}.num_heads", self.num_heads is None or self.cross_attention_dim is not None,
+               "only for the cross-attention UNet (UNet2DModel takes a head width: use head_channels)")
+        attn = [c for c, a in zip(self.block_out_channels, self.attention or ()) if a]
+        attn += [self.block_out_channels[-1]] if self.mid_attention else []
+        per = self.head_channels or self.num_heads
+        _check(f"{p}.{'head_channels' if self.head_channels else 'num_heads'}", per >= 1 and all(c % per == 0 for c in attn),
+               f"must be >= 1 and divide every attention level's channels {sorted(set(attn))}")
+        _check(f"{p}.latent_scale", self.latent_scale is None or self.latent_scale > 0, "must be > 0 or null")
 
 
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    beta_start: float = 0.0001  # diffusers' defaults; LDM-4: 0.0015 -> 0.0195 on scaled_linear (CompVis linear_start/end)
+    beta_end: float = 0.02
     prediction_type: str = "epsilon"
     sampler: str = "ddim"
     sampling_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance at sampling (text-to-image)
+    eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like noise (Song et al. 2021); LDM-4 FFHQ samples with 1
     # Clamp each step's x0 prediction to [-1, 1] (DDIM, DDPM and RePaint). Off by default [choice]: at mini
     # scale it costs the baseline 21 -> 6 fd_digits (results/tuning/ddim-clip); on for the pixel RePaint preset.
     clip_sample: bool = False
@@ -109,6 +155,9 @@ class DiffusionConfig:
         _choice(f"{p}.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _choice(f"{p}.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         _choice(f"{p}.sampler", self.sampler, ("ddim", "ddpm"))
+        _check(f"{p}.beta_start", 0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
+        _check(f"{p}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
+        _check(f"{p}.eta", self.eta == 0 or self.sampler == "ddim", "only the ddim sampler takes eta")
         _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,
                f"must be in [1, num_train_timesteps={self.num_train_timesteps}]")
 
@@ -140,6 +189,11 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # How max_grad_norm applies when a context decoder trains too [choice]: joint (one norm over backbone and
+    # decoder together) | per_module (the backbone's gradient, point and context terms, clipped on its own at
+    # max_grad_norm, as the baseline's is; the decoder's at context_max_grad_norm, 0 = not clipped).
+    grad_clip: str = "joint"
+    context_max_grad_norm: float = 0.0
     grad_accumulation: int = 1
     ema_decay: float = 0.999
     mixed_precision: str = "no"
@@ -158,6 +212,8 @@ class TrainConfig:
         _check(f"{p}.cond_dropout", 0 <= self.cond_dropout <= 1, "must be in [0, 1]")
         _choice(f"{p}.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _choice(f"{p}.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _choice(f"{p}.grad_clip", self.grad_clip, ("joint", "per_module"))
+        _check(f"{p}.context_max_grad_norm", self.context_max_grad_norm >= 0, "must be >= 0 (0 = not clipped)")
         _check(f"{p}.batch_size", self.batch_size % self.grad_accumulation == 0,
                f"must be divisible by grad_accumulation={self.grad_accumulation}")
 
@@ -180,10 +236,19 @@ class RunConfig:
             _check("data.channels", self.data.channels == 1, "the discrete (quantised pixel) backbone takes 1 channel")
             _check("model.token_levels", self.model.token_levels >= 2, "must be >= 2")
             _check("model.text_encoder", self.model.text_encoder is None, "not supported with backbone='discrete'")
+            _check("context.decoder_input", self.context.decoder_input == "features",
+                   "must be 'features' with backbone='discrete' (no x_{t-1} estimate in pixel space)")
         _check("data.caption_column", (self.data.caption_column is not None) == (self.model.text_encoder is not None),
                "set it (e.g. 'caption') exactly when model.text_encoder is set")
         for f in ("model", "diffusion", "context", "data", "train"):
             getattr(self, f).validate(f)
+        # The UNet halves its grid once per level but the last; a latent grid is checked once the autoencoder's
+        # factor is known (core.train.check_latent_size), before training starts.
+        levels = len(self.model.block_out_channels)
+        if self.backbone != "latent":
+            _check("data.resolution", self.data.resolution % 2 ** (levels - 1) == 0,
+                   f"{self.data.resolution} is not a multiple of 2^(levels-1) = {2 ** (levels - 1)}, which a {levels}-level "
+                   f"UNet (model.block_out_channels) needs; choose a multiple of {2 ** (levels - 1)} or fewer levels")
         return self
 
     @classmethod
@@ -193,7 +258,7 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
         try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
+            d = load_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         return cls.from_dict(d)
@@ -233,7 +298,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        hint = " (true or false)" if tp is bool else " (quote it in a YAML file: '...')" if tp is str else ""
+        raise ConfigError(f"{key}: expected {tp.__name__}{hint}, got {value!r}")
     return value
 
 
@@ -247,8 +313,28 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
     return cls(**{k: _coerce(prefix + k, hints[k], v) for k, v in d.items()})
 
 
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a (nested) dict: ``["train.steps=10", "context.strides=[1,2]"]``."""
+def _field_type(schema: type, key: str) -> Any:
+    """The annotated type of dotted ``key`` in dataclass ``schema``, or None if there is no such field."""
+    tp: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _is_str_field(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def apply_overrides(d: dict, overrides: list[str], schema: type | None = None) -> dict:
+    """Set dotted keys in a (nested) dict: ``["train.steps=10", "context.strides=[1,2]"]``.
+
+    Values are parsed as YAML (:func:`load_yaml`), except that a key typed ``str`` in ``schema`` (default
+    :class:`RunConfig`) keeps the text as written unless YAML reads it as a string anyway (quotes are
+    removed) or as ``null`` for an optional key.
+    """
+    schema = schema or RunConfig
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -259,7 +345,12 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        value = load_yaml(raw)
+        tp = _field_type(schema, key)
+        if tp is not None and _is_str_field(tp) and not isinstance(value, str):
+            optional = type(None) in typing.get_args(tp)
+            value = None if (value is None and optional) else raw.strip()
+        node[leaf] = value
     return d
 
 

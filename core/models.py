@@ -1,4 +1,4 @@
-"""Build stock diffusers models and schedulers from a :class:`RunConfig`."""
+"""Build stock diffusers models and schedulers from a :class:`RunConfig`; load the frozen autoencoder."""
 
 from __future__ import annotations
 
@@ -10,8 +10,24 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2D
 from .config import DiffusionConfig, ModelConfig
 
 
+def attention_head_dim(cfg: ModelConfig) -> int | tuple[int, ...]:
+    """What diffusers' ``attention_head_dim`` must be for ``cfg``'s heads, per UNet class.
+
+    ``UNet2DModel`` reads it as the width of one head (CompVis ``num_head_channels``). ``UNet2DConditionModel``
+    reads it as the number of heads per layer (a historical misnomer, diffusers issue #2011), per level.
+    """
+    if cfg.cross_attention_dim is None:
+        return cfg.head_channels
+    if cfg.num_heads is not None:
+        return cfg.num_heads
+    return tuple(max(1, c // cfg.head_channels) for c in cfg.block_out_channels)
+
+
 def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channels: int | None = None):
-    """A ``UNet2DModel`` (or ``UNet2DConditionModel`` when ``cross_attention_dim`` is set)."""
+    """A ``UNet2DModel`` (or ``UNet2DConditionModel`` when ``cross_attention_dim`` is set).
+
+    Heads: ``model.head_channels`` channels per head, or ``model.num_heads`` heads (conditional UNet only).
+    """
     levels = len(cfg.block_out_channels)
     attention = cfg.attention or (False,) * levels
     common = dict(
@@ -31,18 +47,21 @@ def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channel
         up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
         return UNet2DConditionModel(
             down_block_types=down, up_block_types=up, cross_attention_dim=cfg.cross_attention_dim,
-            attention_head_dim=8, **common,
+            attention_head_dim=attention_head_dim(cfg), **common,
         )
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-    return UNet2DModel(down_block_types=down, up_block_types=up, **common)
+    return UNet2DModel(down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim(cfg), **common)
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
-    """The training scheduler (DDPM); sampling schedulers are made from its config."""
+    """The training scheduler (DDPM); sampling schedulers are made from its config.
+
+    ``scaled_linear`` is CompVis's ``linear`` schedule: ``linspace(beta_start**0.5, beta_end**0.5, T)**2``.
+    """
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
-        clip_sample=cfg.clip_sample,
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
     )
 
 
@@ -58,31 +77,46 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str, clip_sample
 
 
 def sampler_name(cfg: DiffusionConfig, backbone: str = "pixel") -> str:
-    """How samples were drawn, as records and sample folders name it: ``ddim-50-noclip``, ``ddim-50-clip-cfg2``."""
+    """How samples were drawn, as records and sample folders name it: ``ddim-50-noclip``, ``ddim-50-clip-cfg2``,
+    ``ddim-200-eta1-noclip`` (DDIM's eta is named only when it is not 0)."""
     if backbone == "discrete":
         return f"mask-replace-ancestral-{cfg.num_train_timesteps}"
-    name = f"{cfg.sampler}-{cfg.sampling_steps}-{'clip' if cfg.clip_sample else 'noclip'}"
+    eta = f"-eta{cfg.eta:g}" if cfg.eta else ""
+    name = f"{cfg.sampler}-{cfg.sampling_steps}{eta}-{'clip' if cfg.clip_sample else 'noclip'}"
     return name + (f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else "")
 
 
 class Autoencoder:
-    """A frozen diffusers ``AutoencoderKL`` or ``VQModel`` mapping images <-> scaled latents."""
+    """A frozen diffusers ``AutoencoderKL`` or ``VQModel`` mapping images <-> scaled latents.
 
-    def __init__(self, path: str, device: torch.device | str = "cpu"):
+    ``path``: a local folder or a hub id (``revision`` pins the commit, ``subfolder`` e.g. ``vqvae``), loaded
+    through :func:`core.hub.from_pretrained` (downloaded and cached when online; a clear error offline).
+    ``scale`` multiplies the latents (``None``: the config's ``scaling_factor``). LDM-4's VQ-f4 uses 1.0
+    (CompVis ``scale_factor`` default); diffusers fills a missing ``scaling_factor`` with 0.18215, so the
+    LDM-4 presets set it. The chosen scale is written into the model's config, so an exported ``vae/`` keeps it.
+    """
+
+    def __init__(self, path: str, device: torch.device | str = "cpu", revision: str | None = None,
+                 subfolder: str | None = None, scale: float | None = None):
         from diffusers import AutoencoderKL, VQModel
 
-        folder = Path(path).expanduser()
-        config = folder / "config.json"
-        if not config.exists():
-            raise FileNotFoundError(
-                f"model.vae={path!r}: no diffusers autoencoder there (expected {config}). Put a diffusers "
-                "AutoencoderKL or VQModel folder there (save_pretrained layout), e.g. the `vqvae` of "
-                "CompVis/ldm-celebahq-256 for the LDM-4 presets, or train the mini one with "
-                "`python -m experiments.backbones.autoencoder`."
-            )
-        cls = VQModel if '"VQModel"' in config.read_text() else AutoencoderKL
-        self.model = cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        from .hub import from_pretrained, is_hub_id, weights_problem
+
+        problem = weights_problem("model.vae", path, revision, subfolder)
+        if problem:
+            from .hub import WeightsUnavailableError
+
+            raise WeightsUnavailableError(
+                problem + ". For the LDM-4 presets that is the `vqvae` of CompVis/ldm-celebahq-256; the mini one "
+                "is trained by `python -m experiments.backbones.autoencoder`.")
+        config = VQModel.load_config(path if is_hub_id(path) else Path(path).expanduser(),
+                                     **({"revision": revision} if revision and is_hub_id(path) else {}),
+                                     **({"subfolder": subfolder} if subfolder else {}))
+        cls = VQModel if config.get("_class_name") == "VQModel" else AutoencoderKL
+        self.model = from_pretrained(cls, "model.vae", path, revision, subfolder).to(device).eval().requires_grad_(False)
         self.is_vq = cls is VQModel
+        if scale is not None:
+            self.model.register_to_config(scaling_factor=float(scale))
         self.scale = float(getattr(self.model.config, "scaling_factor", 1.0) or 1.0)
 
     @torch.no_grad()

@@ -47,7 +47,7 @@ class FeatureTap:
 
 
 def last_block(unet: nn.Module) -> nn.Module:
-    """The block whose output the context decoder reads: the last up-block of a diffusers UNet."""
+    """The block whose output the context decoder reads (``context.decoder_input`` features): the last up-block."""
     if not hasattr(unet, "up_blocks"):
         raise TypeError(f"{type(unet).__name__} has no up_blocks; expected a diffusers UNet2D(Condition)Model")
     return unet.up_blocks[-1]
@@ -193,15 +193,29 @@ class DiffusionTrainingModule(nn.Module):
         losses = {"point_loss": point}
         loss = point
         if self.context is not None:
+            c0, ct = posterior_mean_coefficients(self.scheduler, timesteps)
+            view = (-1,) + (1,) * (x0.dim() - 1)
+            c0, ct = c0.view(view), ct.view(view)
             with torch.no_grad():
-                if self.context.cfg.target == "x0":
-                    target_map = x0
-                else:
-                    c0, ct = posterior_mean_coefficients(self.scheduler, timesteps)
-                    view = (-1,) + (1,) * (x0.dim() - 1)
-                    target_map = c0.view(view) * x0 + ct.view(view) * x_t
-            weighted, logged = self.context.terms(self.tap.pop(), target_map.float(), generators)
+                target_map = x0 if self.context.cfg.target == "x0" else c0 * x0 + ct * x_t
+            features = self.tap.pop()
+            reads = self.context.cfg.decoder_input
+            if reads != "features":  # the model's own x_{t-1} estimate, mu~(x_t, x0_hat), with its gradient
+                denoised = (c0 * self.predicted_x0(x_t, out, timesteps) + ct * x_t).to(features.dtype)
+                features = denoised if reads == "denoised" else torch.cat([features, denoised], 1)
+            weighted, logged = self.context.terms(features, target_map.float(), generators)
             loss = loss + weighted
             losses.update(logged)
         losses["loss"] = loss
         return losses
+
+    def predicted_x0(self, x_t: torch.Tensor, out: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x0_hat from the UNet output ``out`` (epsilon or v prediction), shape of ``x_t``; no clipping.
+
+        epsilon: x0 = (x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar); v: x0 = sqrt(a_bar) x_t - sqrt(1 - a_bar) v
+        (Salimans & Ho 2022), the formulas of diffusers' DDPMScheduler.step.
+        """
+        a_bar = self.scheduler.alphas_cumprod.to(x_t.device)[timesteps.long()].view((-1,) + (1,) * (x_t.dim() - 1))
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return a_bar.sqrt() * x_t - (1 - a_bar).sqrt() * out
+        return (x_t - (1 - a_bar).sqrt() * out) / a_bar.sqrt()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+PROVENANCE = "provenance.json"  # in an export folder: the checkpoint step it came from and its files' hash
 PACKAGES = ("torch", "diffusers", "accelerate", "datasets", "transformers", "numpy", "pot", "clean-fid", "torch-fidelity")
 
 
@@ -43,22 +47,91 @@ def environment() -> dict:
     }
 
 
-def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line in a single ``write`` on an ``O_APPEND`` descriptor (never a half line)."""
+class JsonlError(ValueError):
+    """A JSON-lines file is damaged before its last line (a partial last line is only warned about)."""
+
+
+def append_jsonl(path: str | Path, record: dict, unless: Callable[[list[dict]], bool] | None = None) -> bool:
+    """Append one JSON line on an ``O_APPEND`` descriptor under an exclusive ``flock``, then ``fsync``.
+
+    A partial last line left by a crash is cut off first (with a warning naming the file), so the new
+    line never glues onto it. A short write is completed; a write that fails (e.g. a full disk) is
+    rolled back to the old length and raises ``OSError`` naming the file. ``unless(records)``, called
+    under the lock with the file's records, can veto the append (append-once); returns whether it wrote.
+    """
+    import fcntl
+
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = _drop_partial_tail(fd, path)
+        if unless is not None and unless(read_jsonl(path)):
+            return False
+        written = 0
+        try:
+            while written < len(line):
+                n = os.write(fd, line[written:])
+                if n <= 0:
+                    raise OSError(f"write returned {n}")
+                written += n
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise OSError(f"{path}: appending a record failed after {written} of {len(line)} bytes ({e}); "
+                          "the file was restored to its previous length") from e
     finally:
         os.close(fd)
+    return True
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def _drop_partial_tail(fd: int, path: str | Path) -> int:
+    """Cut a last line that lacks its newline (an interrupted append); returns the file's new length."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+    keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+    warnings.warn(f"{path}: dropped a partial last line ({size - keep} bytes, an interrupted write) before appending",
+                  stacklevel=3)
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def iter_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of a JSON-lines file; ``[]`` if it does not exist.
+
+    A last line without its newline that does not parse is what a crash or a full disk leaves behind:
+    it is dropped with a warning naming the file. Any other line that does not parse raises
+    :class:`JsonlError` naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the text after the last newline: an interrupted append
+                warnings.warn(f"{path}:{n}: dropped a partial last line ({len(line.encode())} bytes, an interrupted "
+                              "write)", stacklevel=2)
+                continue
+            raise JsonlError(f"{path}:{n}: not a JSON line ({e}); the file is damaged before its last line, "
+                             "repair or remove that line") from None
+        if not isinstance(rec, dict):
+            raise JsonlError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        out.append((n, rec))
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (see :func:`iter_jsonl` for how damage is handled)."""
+    return [rec for _, rec in iter_jsonl(path)]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -66,6 +139,30 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def pipeline_files_hash(folder: Path) -> str:
+    """sha256 over every file of an exported pipeline (relative path and bytes), ``provenance.json`` excluded."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != PROVENANCE):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_provenance(folder: Path, step: int | None) -> dict:
+    """Write ``provenance.json`` (``{"checkpoint": step, "sha256": files hash}``) into an export folder."""
+    prov = {"checkpoint": step, "sha256": pipeline_files_hash(folder)}
+    (Path(folder) / PROVENANCE).write_text(json.dumps(prov, sort_keys=True))
+    return prov
+
+
+def read_provenance(pipeline_dir: str | Path) -> dict | None:
+    """The export's ``provenance.json``, or None for a pipeline exported before provenance existed."""
+    path = Path(pipeline_dir) / PROVENANCE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 class RunLog:

@@ -12,7 +12,8 @@ Example::
 The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit),
 ``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically) and,
 when training ends, ``pipeline/``: the EMA UNet and scheduler in diffusers layout, without the
-context decoder. Batch size is global and duration is in optimizer steps, whatever the number of
+context decoder, with ``provenance.json`` naming the checkpoint it was exported from (a run continued
+to more steps is exported again). Batch size is global and duration is in optimizer steps, whatever the number of
 processes; every random draw is a function of (seed, step, image index), so runs are identical
 across process counts and resumes.
 """
@@ -34,11 +35,12 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from .config import ConfigError, RunConfig, apply_overrides, config_diff
+from .config import ConfigError, RunConfig, apply_overrides, config_diff, load_yaml
 from .data import ImageData, global_batch_indices
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
-from .runlog import RunLog, append_jsonl, environment, read_jsonl, write_atomic
+from .runlog import RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
+from .tracking import accelerator_kwargs, start_tracking
 
 CHECKPOINTS = "checkpoints"
 DONE_MARKER = "state.json"
@@ -63,7 +65,7 @@ def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     """Refuse to resume a run whose saved config differs, listing the keys, unless allowed."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = yaml.safe_load(saved.read_text())
+        old = load_yaml(saved.read_text())
         try:  # keys added to the schema since the run started take their defaults
             old = RunConfig.from_dict(old).to_dict()
         except ConfigError:
@@ -76,20 +78,50 @@ def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
             )
 
 
-def per_process_batch(cfg: RunConfig, world: int) -> int:
-    b, a = cfg.train.batch_size, cfg.train.grad_accumulation
-    if b % (a * world):
-        raise ConfigError(
-            f"train.batch_size={b} must be divisible by grad_accumulation ({a}) x processes ({world})"
-        )
-    return b // (a * world)
+def process_shares(cfg: RunConfig, world: int) -> list[int]:
+    """Images per process in each micro-batch (``batch_size / grad_accumulation``), split as evenly as possible.
+
+    A global batch need not divide by the process count (LDM-4 FFHQ: 42 on 8 GPUs -> 6,6,5,5,5,5,5,5): each
+    process weights its mean loss by ``share * world / micro`` so DDP's gradient average is the exact mean over
+    the global batch, whatever the split.
+    """
+    micro = cfg.train.batch_size // cfg.train.grad_accumulation
+    if micro < world:
+        raise ConfigError(f"train.batch_size / grad_accumulation = {micro} images per micro-batch is fewer than the "
+                          f"{world} processes; raise train.batch_size or lower grad_accumulation")
+    return [micro // world + (r < micro % world) for r in range(world)]
+
+
+def check_precision(cfg: RunConfig, device: str, native_amp: bool | None = None) -> None:
+    """Refuse a ``train.mixed_precision`` that accelerate accepts but would not apply: fp16 on the CPU trains in
+    fp32 (checked before the ``Accelerator`` exists), or any setting its ``native_amp`` says it does not apply."""
+    mp = cfg.train.mixed_precision
+    if mp != "no" and ((mp == "fp16" and device == "cpu") or native_amp is False):
+        alt = "'bf16' or 'no'" if device == "cpu" else "'no'"
+        raise ConfigError(f"train.mixed_precision={mp!r} is not applied on {device} (accelerate would silently "
+                          f"train in fp32); use {alt} here, or a CUDA GPU for fp16")
+
+
+def check_latent_size(cfg: RunConfig, downsample: int) -> None:
+    """The latent grid must exist and fit the UNet: ``data.resolution`` / the autoencoder's factor, then / 2^(levels-1)."""
+    r, levels = cfg.data.resolution, len(cfg.model.block_out_channels)
+    if r % downsample:
+        raise ConfigError(f"data.resolution={r} must be divisible by the autoencoder's downsampling factor {downsample} "
+                          f"(model.vae={cfg.model.vae!r})")
+    factor = 2 ** (levels - 1)
+    if (r // downsample) % factor:
+        raise ConfigError(f"data.resolution={r} gives a {r // downsample}x{r // downsample} latent (model.vae factor "
+                          f"{downsample}), which a {levels}-level UNet (model.block_out_channels) cannot halve "
+                          f"{levels - 1} times; data.resolution must be a multiple of {downsample * factor}")
 
 
 def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) -> DiffusionTrainingModule:
     unet = build_unet(cfg.model, sample_size, in_channels)
     context = None
     if cfg.context.enabled:
-        context = ContextPrediction(cfg.context, cfg.model.block_out_channels[0], in_channels)
+        reads = {"features": cfg.model.block_out_channels[0], "denoised": in_channels,
+                 "features+denoised": cfg.model.block_out_channels[0] + in_channels}[cfg.context.decoder_input]
+        context = ContextPrediction(cfg.context, reads, in_channels)
     return DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), context)
 
 
@@ -106,12 +138,13 @@ def build_discrete_module(cfg: RunConfig, sample_size: int):
 
 def export_pipeline(
     unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None,
-    text_encoder: str | None = None,
+    text_encoder: dict | None = None, step: int | None = None,
 ) -> Path:
     """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder.
 
     Unconditional pixel models load with ``DDPMPipeline.from_pretrained``; a latent model also gets
-    ``vae/`` (the frozen autoencoder), which ``core.sample`` uses to decode.
+    ``vae/`` (the frozen autoencoder), which ``core.sample`` uses to decode. ``provenance.json`` names
+    the checkpoint ``step`` the weights come from.
     """
     from diffusers import DDPMPipeline
 
@@ -127,7 +160,8 @@ def export_pipeline(
         if vae is not None:
             vae.model.save_pretrained(tmp / "vae")
         if text_encoder is not None:  # which frozen encoder the conditional UNet expects
-            (tmp / "text_encoder.json").write_text(json.dumps({"text_encoder": text_encoder}))
+            (tmp / "text_encoder.json").write_text(json.dumps(text_encoder))
+        write_provenance(tmp, step)
     return out_dir
 
 
@@ -142,15 +176,20 @@ def atomic_dir(out_dir: Path):
 
 
 def train(
-    cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None
+    cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None,
+    report_to: str = "none",
 ) -> Path:
     """Train (or resume) the run in ``run_dir``; returns the exported pipeline folder.
 
     ``stop_after`` ends this invocation after that many optimizer steps without finishing the run
-    (as an interruption would); the next call resumes.
+    (as an interruption would); the next call resumes. ``report_to`` (``none | tensorboard | wandb``, or an
+    accelerate ``GeneralTracker``) also sends each ``stats.jsonl`` row to that tracker (:mod:`core.tracking`).
     """
     run_dir = Path(run_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                              **accelerator_kwargs(report_to, run_dir))
+    check_precision(cfg, accelerator.device.type, accelerator.native_amp)
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,18 +197,23 @@ def train(
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, main)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    local_batch = per_process_batch(cfg, world)
+    shares = process_shares(cfg, world)
+    local_batch, offset = shares[rank], sum(shares[:rank])
+    share_weight = local_batch * world / (cfg.train.batch_size // cfg.train.grad_accumulation)
     tc = cfg.train
 
     data = ImageData(cfg.data)
-    vae = Autoencoder(cfg.model.vae, device) if cfg.backbone == "latent" else None
+    vae = Autoencoder(cfg.model.vae, device, cfg.model.vae_revision, cfg.model.vae_subfolder,
+                      cfg.model.latent_scale) if cfg.backbone == "latent" else None
     channels = vae.latent_channels if vae else cfg.data.channels
     size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
+    if vae:
+        check_latent_size(cfg, vae.downsample)
     text = None
     if cfg.model.text_encoder:
         from .text import TextEncoder
 
-        text = TextEncoder(cfg.model.text_encoder, device)
+        text = TextEncoder(cfg.model.text_encoder, device, revision=cfg.model.text_encoder_revision)
         if text.dim != cfg.model.cross_attention_dim:
             raise ConfigError(f"model.cross_attention_dim={cfg.model.cross_attention_dim} must equal the text "
                               f"encoder's hidden size {text.dim}")
@@ -195,13 +239,15 @@ def train(
         log(f"resumed from {path} (step {start})")
     if main:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_atomic(run_dir / "env.json", json.dumps({**environment(), "num_processes": world}, indent=2))
+        write_atomic(run_dir / "env.json", json.dumps({**environment(), "num_processes": world, "device": str(device),
+                                                       "mixed_precision": accelerator.mixed_precision}, indent=2))
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
         write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
         n_unet = sum(p.numel() for p in ema_target(inner).parameters())
         n_ctx = sum(p.numel() for p in inner.context.parameters()) if inner.context is not None else 0
-        log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {world} x {local_batch} x "
+        log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {'+'.join(map(str, shares))} x "
             f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder {n_ctx:,}")
+        start_tracking(accelerator, cfg.to_dict(), cfg.name, run_dir)
 
     micro = tc.batch_size // tc.grad_accumulation
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
@@ -215,7 +261,7 @@ def train(
         batch = global_batch_indices(len(data), tc.seed, step, tc.batch_size)
         totals: dict[str, torch.Tensor] = {}
         for m in range(tc.grad_accumulation):
-            first = m * micro + rank * local_batch
+            first = m * micro + offset
             positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
             x0 = data.images(batch[first : first + local_batch]).to(device)
             x0 = vae.encode(x0) if vae else x0
@@ -234,9 +280,9 @@ def train(
                 inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
             with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():
                 losses = module(*inputs)
-                accelerator.backward(losses["loss"] / tc.grad_accumulation)
+                accelerator.backward(losses["loss"] * share_weight / tc.grad_accumulation)
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0) + v.detach().float() / tc.grad_accumulation
+                totals[k] = totals.get(k, 0) + v.detach().float() * share_weight / tc.grad_accumulation
         names = sorted(totals)
         reduced = accelerator.reduce(torch.stack([totals[k] for k in names]), "mean")
         if not torch.isfinite(reduced).all():
@@ -245,8 +291,7 @@ def train(
                 f"non-finite loss at step {step} ({terms}); the last checkpoint "
                 f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
             )
-        if tc.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm)
+        grad_norms = clip_gradients(accelerator, inner, tc)
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,8 +299,9 @@ def train(
         done = step + 1
         if main and (done % tc.log_every == 0 or done == tc.steps):
             record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
-            record.update({k: v for k, v in zip(names, reduced.tolist())})
+            record.update({k: v for k, v in zip(names, reduced.tolist())}, **grad_norms)
             append_jsonl(run_dir / "stats.jsonl", record)
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
@@ -265,18 +311,46 @@ def train(
     if progress is not None:
         progress.close()
 
+    # Export the final checkpoint's EMA unless pipeline/ says it holds exactly that checkpoint (a run
+    # continued to more steps, or an export from before provenance existed, is exported again).
     pipeline_dir = run_dir / "pipeline"
-    finished = list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] >= tc.steps
-    if finished and main and not (pipeline_dir / "unet").exists():
+    last = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else None
+    finished = last is not None and last >= tc.steps
+    current = (read_provenance(pipeline_dir) or {}).get("checkpoint") if (pipeline_dir / "unet").exists() else None
+    if finished and main and current != last:
         if discrete:
-            export_discrete(inner, ema, cfg, pipeline_dir)
+            export_discrete(inner, ema, cfg, pipeline_dir, last)
         else:
             export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
-                            cfg.model.text_encoder)
-        log(f"exported {pipeline_dir}")
+                            cfg.model.text_encoder and {"text_encoder": cfg.model.text_encoder,
+                                                        "revision": cfg.model.text_encoder_revision}, last)
+        log(f"exported {pipeline_dir} (checkpoint {last})"
+            + (f", replacing the export of checkpoint {current}" if current is not None else ""))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return pipeline_dir
+
+
+def clip_gradients(accelerator: Accelerator, module: torch.nn.Module, tc) -> dict[str, float]:
+    """Clip gradients as ``train.grad_clip`` says; returns the pre-clip norms (logged in stats.jsonl).
+
+    ``joint``: one norm over every parameter (backbone and context decoder). ``per_module``: the backbone's own
+    norm at ``max_grad_norm`` (the baseline's clipping, whatever the decoder's gradient), the decoder's at
+    ``context_max_grad_norm`` (0: not clipped).
+    """
+    if tc.max_grad_norm <= 0:
+        return {}
+    context = getattr(module, "context", None)
+    if context is None or tc.grad_clip == "joint":
+        norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm)
+        return {"grad_norm": float(norm)}
+    accelerator.unscale_gradients()  # once: clip_grad_norm_ twice would unscale fp16 gradients twice
+    decoder = {id(p) for p in context.parameters()}
+    backbone = [p for p in module.parameters() if id(p) not in decoder]
+    norms = {"grad_norm_backbone": float(torch.nn.utils.clip_grad_norm_(backbone, tc.max_grad_norm))}
+    limit = tc.context_max_grad_norm if tc.context_max_grad_norm > 0 else float("inf")
+    norms["grad_norm_context"] = float(torch.nn.utils.clip_grad_norm_(list(context.parameters()), limit))
+    return norms
 
 
 def ema_target(module: torch.nn.Module) -> torch.nn.Module:
@@ -290,7 +364,7 @@ def quantize(x0: torch.Tensor, levels: int) -> torch.Tensor:
     return PixelQuantizer(levels).encode(x0)
 
 
-def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path) -> Path:
+def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: int | None = None) -> Path:
     """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
     denoiser = copy.deepcopy(module.denoiser).to("cpu")
     ema.copy_to(denoiser.parameters())
@@ -300,6 +374,7 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path) -> Pat
         (tmp / "discrete.json").write_text(json.dumps({
             "levels": cfg.model.token_levels, "num_timesteps": cfg.diffusion.num_train_timesteps,
             "aux_weight": cfg.diffusion.aux_weight}))
+        write_provenance(tmp, step)
     return out_dir
 
 
@@ -326,7 +401,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 def load_config(config: str | None, overrides: list[str]) -> RunConfig:
     if config and not Path(config).exists():
         raise ConfigError(f"config file not found: {config}")
-    d = yaml.safe_load(Path(config).read_text()) if config else {}
+    d = load_yaml(Path(config).read_text()) if config else {}
     return RunConfig.from_dict(apply_overrides(d or {}, overrides))
 
 
@@ -338,10 +413,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
     parser.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
+    parser.add_argument("--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
+                        help="also log every stats.jsonl row (loss terms, LR) to this accelerate tracker, in "
+                             "<run-dir>/tracking/ (off by default; needs the tracker's pip package)")
     args = parser.parse_args(argv)
     saved = Path(args.run_dir) / "config.yaml"
     cfg = load_config(args.config or (str(saved) if saved.exists() else None), args.overrides)
-    train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after)
+    train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after,
+          report_to=args.report_to)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@
     # -> data/fid_refs/celebahq256.npz  (mu, sigma, n, and the hash of the sorted file list)
 
 Uses clean-fid (``mode="clean"``) with ``inception-2015-12-05.pt`` from ``$CONPREDIFF_WEIGHTS`` (default
-``~/.cache/conprediff``); stops with the file's name and URL when it is missing.
+``~/.cache/conprediff``, downloaded there when missing and the network allows); offline it stops with the
+file's name and URL.
+
+clean-fid's precomputed statistics can stand in for a folder (same protocol, computed by clean-fid's authors),
+e.g. FFHQ 256 over all 70,000 images:
+
+    python -m eval.fid_ref --cleanfid ffhq --cleanfid-split trainval70k --name ffhq256
 """
 
 from __future__ import annotations
@@ -42,13 +48,40 @@ def build_reference(data: Path, name: str, device: str, batch_size: int = 64) ->
     return out
 
 
+def fetch_cleanfid_reference(dataset: str, resolution: int, split: str, name: str) -> Path:
+    """clean-fid's precomputed ``mode="clean"`` statistics of ``dataset`` at ``resolution`` (``split`` as clean-fid
+    names it, e.g. ffhq ``trainval70k``), saved as this benchmark's reference; needs a network the first time."""
+    from cleanfid.fid import get_reference_statistics
+
+    from core.hub import can_download
+
+    url = "https://www.cs.cmu.edu/~clean-fid/stats/"
+    try:
+        mu, sigma = get_reference_statistics(dataset, resolution, mode="clean", split=split)
+    except Exception as e:  # urllib errors, a missing file on the server
+        hint = "" if can_download(url) else " (offline: run this once on a machine with a network)"
+        raise FileNotFoundError(f"clean-fid statistics {dataset}/{split}/{resolution} from {url}: {e}{hint}") from e
+    out = reference_path(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, mu=mu, sigma=sigma, n=-1, files_sha256=f"clean-fid precomputed {dataset}_clean_{split}_{resolution}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="prepared image folder")
+    parser.add_argument("--data", type=Path, help="prepared image folder")
     parser.add_argument("--name", required=True, help="benchmark name, e.g. celebahq256")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cleanfid", metavar="DATASET", help="use clean-fid's precomputed statistics instead (e.g. ffhq)")
+    parser.add_argument("--cleanfid-split", default="trainval70k", help="clean-fid's split name (default trainval70k)")
+    parser.add_argument("--resolution", type=int, default=256, help="with --cleanfid: the statistics' resolution")
     args = parser.parse_args(argv)
-    print(build_reference(args.data, args.name, args.device))
+    if (args.data is None) == (args.cleanfid is None):
+        parser.error("give exactly one of --data (a prepared image folder) and --cleanfid (precomputed statistics)")
+    if args.cleanfid:
+        print(fetch_cleanfid_reference(args.cleanfid, args.resolution, args.cleanfid_split, args.name))
+    else:
+        print(build_reference(args.data, args.name, args.device))
 
 
 if __name__ == "__main__":

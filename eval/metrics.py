@@ -1,8 +1,10 @@
 """Metrics with named protocols.
 
-Paper scale (standard weights, never downloaded at run time; a missing file stops with its name):
+Paper scale (standard weights, fetched by their libraries when missing and downloads are allowed;
+offline, i.e. ``HF_HUB_OFFLINE=1`` or the host silent for 3 s, a missing file stops with its name and URL):
   * FID / KID through clean-fid (``mode="clean"``) with NVIDIA's Inception-v3 torchscript file
-    ``inception-2015-12-05.pt``;
+    ``inception-2015-12-05.pt`` (``fid50k_cleanfid``), and FID through torch-fidelity's legacy Inception path
+    (``fid50k_torchfidelity``, the protocol of LDM-era numbers);
   * LPIPS through the ``lpips`` package (AlexNet, v0.1), which needs torchvision's
     ``alexnet-owt-7be5be79.pth``;
   * CLIP score (ViT-L/14, a local transformers folder ``clip-vit-large-patch14``).
@@ -96,8 +98,78 @@ def classifier_outputs(images: torch.Tensor, resolution: int, batch_size: int = 
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
-def digits_proxy_metrics(fake: torch.Tensor, real: torch.Tensor, labels: np.ndarray | None = None) -> dict[str, float]:
-    """Proxy metrics of generated digits against real ones (same resolution); ``labels`` -> ``prompt_acc``."""
+# Fewest samples at which each digits proxy is comparable, from real_vs_real_digits() (numbers in its docstring):
+# fd_digits' real-vs-real bias falls below 10% of the smallest value the mini tables report (3.26 at n=1000) only at
+# n=500 (0.28; 0.77 at 256); kid_digits' spread falls below 10% of the smallest KID reported (0.32), and
+# precision/recall's below 0.01, at n=256.
+SMALL_SAMPLE_MIN = {"fd_digits": 500, "kid_digits": 256, "precision_digits": 256, "recall_digits": 256}
+# Fewest samples each proxy can be computed from at all: k-NN precision/recall (k=3) needs k+1 points,
+# a covariance (FD) 2, clean-fid's KID estimator 2 per subset.
+COMPUTABLE_MIN = {"fd_digits": 2, "kid_digits": 2, "precision_digits": 4, "recall_digits": 4}
+
+
+def small_sample_note(n: int, metric: str) -> str | None:
+    """A note for a record whose ``n`` samples are too few for ``metric`` to be compared with larger-n values."""
+    need = SMALL_SAMPLE_MIN.get(metric)
+    if need is None or n >= need:
+        return None
+    return (f"small sample: n={n} < {need}, below which {metric} of real digits against real digits is biased "
+            "or spread beyond the differences the tables compare (eval.metrics.real_vs_real_digits)")
+
+
+def check_num_samples(n: int, metrics=COMPUTABLE_MIN) -> None:
+    """Raise ``ValueError`` naming the metric and the minimum if ``n`` samples cannot give a metric at all."""
+    short = {m: k for m, k in COMPUTABLE_MIN.items() if m in metrics and n < k}
+    if short:
+        raise ValueError(f"{n} sample(s) are too few: " + ", ".join(f"{m} needs >= {k}" for m, k in short.items())
+                         + "; raise --num-samples")
+
+
+def real_vs_real_digits(sizes=(8, 16, 32, 64, 128, 256, 500), repeats: int = 5, resolution: int = 16) -> dict:
+    """Proxy metrics of ``n`` real held-out digits (test split) against the real train split, mean and sd over
+    ``repeats`` random subsets: what each metric reads for a perfect generator at that sample count.
+
+    ``python -c "from eval.metrics import real_vs_real_digits; real_vs_real_digits()"`` printed (mean ± sd over 5
+    subsets; one at n=500, the whole test split)::
+
+        n=   8 fd_digits 39.08 ± 6.1  kid_digits 0.6724 ± 1.3  precision_digits 1 ± 0  recall_digits 0.9636 ± 0.04
+        n=  16 fd_digits 24.71 ± 8.3  kid_digits 1.171 ± 1.3  precision_digits 0.925 ± 0.025  recall_digits 0.9526 ± 0.072
+        n=  32 fd_digits 7.131 ± 2  kid_digits -0.2069 ± 0.29  precision_digits 0.9375 ± 0.02  recall_digits 0.9694 ± 0.019
+        n=  64 fd_digits 3.616 ± 1.1  kid_digits -0.08788 ± 0.25  precision_digits 0.8969 ± 0.021  recall_digits 0.9533 ± 0.019
+        n= 128 fd_digits 2.344 ± 0.66  kid_digits 0.04136 ± 0.12  precision_digits 0.9359 ± 0.024  recall_digits 0.9164 ± 0.018
+        n= 256 fd_digits 0.768 ± 0.26  kid_digits -0.03156 ± 0.037  precision_digits 0.9273 ± 0.004  recall_digits 0.9232 ± 0.0068
+        n= 500 fd_digits 0.2783 ± 0  kid_digits -0.04163 ± 0  precision_digits 0.934 ± 0  recall_digits 0.9164 ± 0
+    """
+    from core.config import DataConfig
+    from core.data import ImageData
+
+    test = ImageData(DataConfig(split="test", resolution=resolution))
+    train = ImageData(DataConfig(split="train", resolution=resolution))
+    test_x, train_x = test.images(range(len(test))), train.images(range(len(train)))
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in sizes:
+        rows = [digits_proxy_metrics(test_x[rng.choice(len(test_x), n, replace=False)], train_x, warn=False)
+                for _ in range(repeats if n < len(test_x) else 1)]
+        out[n] = {m: (float(np.mean([r[m] for r in rows])), float(np.std([r[m] for r in rows])))
+                  for m in ("fd_digits", "kid_digits", "precision_digits", "recall_digits")}
+        print(f"n={n:4d} " + "  ".join(f"{m} {mu:.4g} ± {sd:.2g}" for m, (mu, sd) in out[n].items()), flush=True)
+    return out
+
+
+def digits_proxy_metrics(fake: torch.Tensor, real: torch.Tensor, labels: np.ndarray | None = None,
+                         warn: bool = True) -> dict[str, float]:
+    """Proxy metrics of generated digits ``(N, 1, R, R)`` against real ones (same resolution); ``labels`` -> ``prompt_acc``.
+
+    ``N`` below :data:`COMPUTABLE_MIN` raises ``ValueError``; below :data:`SMALL_SAMPLE_MIN` the values are
+    biased (fd_digits of real against real digits grows as N shrinks) and a warning says so.
+    """
+    check_num_samples(len(fake))
+    notes = [note for m in SMALL_SAMPLE_MIN if (note := small_sample_note(len(fake), m))]
+    if warn and notes:
+        import warnings
+
+        warnings.warn("; ".join(notes), stacklevel=2)
     resolution = fake.shape[-1]
     f_fake, p_fake = classifier_outputs(fake, resolution)
     f_real, _ = classifier_outputs(real, resolution)
@@ -148,12 +220,38 @@ def psnr(mse: np.ndarray, peak_to_peak: float = 2.0) -> np.ndarray:
 # ---------------------------------------------------------------------------- paper scale
 
 
+def inception_problem() -> str | None:
+    """``None`` when the FID Inception file is in :func:`weights_dir` or can be downloaded there now; else why not."""
+    from core.hub import can_download
+
+    path = weights_dir() / INCEPTION_FILE
+    if path.exists() or can_download(INCEPTION_URL):
+        return None
+    return (f"FID Inception weights {INCEPTION_FILE} are not at {path} and cannot be downloaded now (offline). "
+            f"Download {INCEPTION_URL} on a machine with a network and put it there (or set ${WEIGHTS_ENV})")
+
+
+def alexnet_problem() -> str | None:
+    """``None`` when torchvision's AlexNet file (LPIPS v0.1's backbone) is cached or downloadable now; else why not."""
+    from core.hub import can_download
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    if path.exists() or can_download(ALEXNET_URL):
+        return None
+    return (f"LPIPS (AlexNet, v0.1) needs {ALEXNET_FILE}, not at {path} and not downloadable now (offline). Download "
+            f"{ALEXNET_URL} on a machine with a network and put it there (torch.hub's checkpoints folder)")
+
+
 def clean_fid_feature_extractor(device: str = "cuda"):
-    """clean-fid's Inception feature function, loaded from the local weights file (no download)."""
+    """clean-fid's Inception feature function; the weights file lives in :func:`weights_dir`, where clean-fid
+    downloads it when it is missing and the network allows (``HF_HUB_OFFLINE=1`` forbids it)."""
     from cleanfid.inception_torchscript import InceptionV3W
 
-    path = require_file(INCEPTION_FILE, INCEPTION_URL, weights_dir(), "FID (clean-fid)")
-    model = InceptionV3W(str(path.parent), download=False).to(device).eval()
+    problem = inception_problem()
+    if problem:
+        raise MissingWeightsError(problem + ". Nothing is substituted.")
+    weights_dir().mkdir(parents=True, exist_ok=True)
+    model = InceptionV3W(str(weights_dir()), download=True).to(device).eval()
     return lambda x: model(x)
 
 
@@ -170,10 +268,48 @@ def fid_folders(fake_dir: str | Path, ref_stats: str | Path, device: str = "cuda
     return float(_fd(feats.mean(0), np.cov(feats, rowvar=False), ref["mu"], ref["sigma"]))
 
 
+TF_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+TF_INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{TF_INCEPTION_FILE}"
+
+
+def torchfidelity_inception_problem() -> str | None:
+    """``None`` when torch-fidelity's Inception weights are in torch.hub's cache or downloadable now; else why not."""
+    from core.hub import can_download
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / TF_INCEPTION_FILE
+    if path.exists() or can_download(TF_INCEPTION_URL):
+        return None
+    return (f"FID (torch-fidelity) needs {TF_INCEPTION_FILE}, not at {path} and not downloadable now (offline). "
+            f"Download {TF_INCEPTION_URL} on a machine with a network and put it there (torch.hub's checkpoints folder)")
+
+
+def fid_torchfidelity(fake_dir: str | Path, ref_dir: str | Path, device: str = "cuda", batch_size: int = 64,
+                      ref_cache_name: str | None = None) -> float:
+    """FID of a folder of PNGs against a reference image folder through torch-fidelity's ``inception-v3-compat``
+    extractor: the legacy path (the TF FID graph's weights and its resize), as ``fid50k_torchfidelity`` names it.
+
+    torch-fidelity caches the reference statistics under ``ref_cache_name`` (and downloads its Inception weights
+    into torch.hub's cache when they are missing and downloads are allowed). Raises :class:`MissingWeightsError`
+    offline without the weights.
+    """
+    problem = torchfidelity_inception_problem()
+    if problem:
+        raise MissingWeightsError(problem + ". Nothing is substituted.")
+    import torch_fidelity
+
+    cache = {"input2_cache_name": ref_cache_name} if ref_cache_name else {}
+    out = torch_fidelity.calculate_metrics(input1=str(fake_dir), input2=str(ref_dir), fid=True, verbose=False,
+                                           cuda=str(device).startswith("cuda"), batch_size=batch_size,
+                                           samples_find_deep=True, **cache)
+    return float(out["frechet_inception_distance"])
+
+
 def lpips_alex(device: str = "cpu"):
-    """The ``lpips`` package's AlexNet v0.1 metric; stops if torchvision's AlexNet weights are absent."""
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    require_file(ALEXNET_FILE, ALEXNET_URL, hub, "LPIPS (AlexNet, v0.1)")
+    """The ``lpips`` package's AlexNet v0.1 metric; torchvision downloads AlexNet's weights into torch.hub's cache
+    when they are missing and the network allows; offline it stops naming the file."""
+    problem = alexnet_problem()
+    if problem:
+        raise MissingWeightsError(problem + ". Nothing is substituted.")
     import lpips
 
     return lpips.LPIPS(net="alex", version="0.1", verbose=False).to(device).eval()

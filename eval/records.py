@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
-from core.runlog import append_jsonl, git_commit
+from core.runlog import JsonlError, append_jsonl, git_commit, iter_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "records.jsonl"
@@ -77,23 +78,45 @@ def make_record(**fields) -> dict:
     return rec
 
 
-def append_record(record: dict, path: str | Path = RECORDS) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    append_jsonl(path, make_record(**record))
+# What makes two records the same measurement: everything but the measured value and when, where and
+# with which code it was measured. A record with the same identity as one already in the file is
+# never appended again (a resumed evaluation re-measures nothing twice), unless that one is marked superseded.
+IDENTITY = tuple(k for k in REQUIRED if k not in ("value", "backend", "git_commit", "time"))
+
+
+def record_identity(record: dict) -> tuple:
+    """The fields of :data:`IDENTITY` as a hashable key (missing fields, e.g. of legacy records, as None)."""
+    return tuple(json.dumps(record.get(k), sort_keys=True) for k in IDENTITY)
+
+
+def append_record(record: dict, path: str | Path = RECORDS) -> bool:
+    """Append ``record`` (completed by :func:`make_record`) unless one with the same :func:`record_identity` is
+    already in ``path``; returns whether it was written. The check and the append hold one file lock, so
+    parallel workers appending to the same file cannot both write a measurement."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = make_record(**record)
+    key = record_identity(rec)
+    def present(existing: list[dict]) -> bool:  # a superseded record does not count: its measurement is redone
+        return any(record_identity(old) == key for old in existing if not old.get("superseded"))
+
+    if append_jsonl(path, rec, unless=present):
+        return True
+    warnings.warn(f"{path}: a record of {rec['preset']} seed {rec['seed']} {rec['metric']} checkpoint "
+                  f"{rec['checkpoint']} n={rec['n_samples']} {rec['sampler']} is already present; not appended again",
+                  stacklevel=2)
+    return False
 
 
 def load_records(path: str | Path = RECORDS) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
+    """Every record in ``path``; a damaged line or a record missing a required field raises :class:`RecordError`
+    naming the file and line. A partial last line (an interrupted append) is dropped with a warning."""
+    try:
+        lines = iter_jsonl(path)
+    except JsonlError as e:
+        raise RecordError(str(e)) from None
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}:{n}: not a JSON line ({e})") from None
+    for n, rec in lines:
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise RecordError(f"{path}:{n}: record is missing field(s): {', '.join(missing)}")

@@ -13,6 +13,9 @@ overrides, and the number the paper reports) and calls :func:`main`. Scales:
 
 Every stage resumes: training from its last checkpoint, sampling skips existing PNGs, and a
 record already present (same preset, seed, metric, checkpoint, sample count) is not measured again.
+Nothing derived from another checkpoint is reused: records carry the checkpoint of the exported
+pipeline they measured (``pipeline/provenance.json``), and sample folders drawn from another export
+are drawn again (``core.sample``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ from core.models import sampler_name
 from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
-from core.train import list_checkpoints, train
+from core.train import train
 from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records
 
 
@@ -77,27 +81,32 @@ def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
         over += [f"data.source={make_fake_imagefolder(workdir / 'fake-data', d['data']['channels'])}", "data.resolution=16"]
     if d["backbone"] == "latent":
         channels = d['data']['channels']
-        over.append(f"model.vae={make_random_autoencoder(workdir / f'random-vae-c{channels}', channels)}")
+        over += [f"model.vae={make_random_autoencoder(workdir / f'random-vae-c{channels}', channels)}",
+                 "model.vae_revision=null", "model.vae_subfolder=null"]
     if d["backbone"] == "discrete":
         over += ["diffusion.num_train_timesteps=4", "diffusion.sampling_steps=4"]
     if d["model"].get("cross_attention_dim"):
-        over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.cross_attention_dim=384"]
+        over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.text_encoder_revision=null",
+                 "model.cross_attention_dim=384"]
     return RunConfig.from_dict(apply_overrides(d, over))
 
 
 def make_fake_imagefolder(path: Path, channels: int, n: int = 16) -> Path:
-    """A tiny imagefolder of random PNGs with captions (smoke tests only)."""
+    """A tiny imagefolder of random PNGs with captions, ``train/`` and a held-out ``test/`` split as the prepare
+    step writes them (smoke tests only)."""
     from PIL import Image
 
-    if not (path / "metadata.jsonl").exists():
-        path.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        if (path / split / "metadata.jsonl").exists():
+            continue
+        (path / split).mkdir(parents=True, exist_ok=True)
         lines = []
         for i in range(n):
             arr = rng.integers(0, 256, (24, 24, 3) if channels == 3 else (24, 24), dtype=np.uint8)
-            Image.fromarray(arr).save(path / f"{i:03d}.png")
-            lines.append(json.dumps({"file_name": f"{i:03d}.png", "caption": f"random image {i}"}))
-        (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+            Image.fromarray(arr).save(path / split / f"{i:03d}.png")
+            lines.append(json.dumps({"file_name": f"{i:03d}.png", "caption": f"random {split} image {i}"}))
+        (path / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -119,7 +128,19 @@ def tensor_hash(x: torch.Tensor) -> str:
 
 
 def load_samples(paths: list[Path]) -> torch.Tensor:
+    """PNGs -> ``(N, C, H, W)`` in [-1, 1]."""
     return torch.stack([load_png(p) for p in paths])
+
+
+def exported_checkpoint(run_dir: Path) -> int:
+    """The training step ``run_dir/pipeline`` was exported from (its ``provenance.json``); raises if unknown."""
+    from core.runlog import read_provenance
+
+    prov = read_provenance(run_dir / "pipeline")
+    if prov is None or prov.get("checkpoint") is None:
+        raise FileNotFoundError(f"{run_dir / 'pipeline'} does not say which checkpoint it was exported from (no "
+                                f"provenance.json): re-run `python -m core.train --run-dir {run_dir}` to export it again")
+    return int(prov["checkpoint"])
 
 
 def recorded(records: list[dict], **key) -> bool:
@@ -135,9 +156,15 @@ def evaluate_unconditional(
     Text-to-image passes one prompt per seed (and, for digits, the label each prompt names -> ``prompt_acc``).
     ``step_time=False`` (runs that shared the machine) records no ``step_time_s``: it would measure the contention.
     """
-    step = list_checkpoints(run_dir)[-1][0]
+    from eval.metrics import check_num_samples, small_sample_note
+
+    check_num_samples(num_samples)
+    step = exported_checkpoint(run_dir)
     sampler = sampler_name(cfg.diffusion, cfg.backbone)
-    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits")
+    from eval.context_stats import fd_context, metric_name as context_metric
+
+    metric_names = ("fd_digits", "kid_digits", "precision_digits", "recall_digits", "confident_digits",
+                    context_metric())
     metric_names += ("step_time_s",) if step_time else ()
     metric_names += ("prompt_acc",) if labels is not None else ()
     key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
@@ -148,7 +175,8 @@ def evaluate_unconditional(
         return []
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
                             cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
-                            guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample)
+                            guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample,
+                            eta=cfg.diffusion.eta)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
@@ -164,7 +192,9 @@ def evaluate_unconditional(
     ref_cfg.split, ref_cfg.num_examples = "train", None
     real_data = ImageData(ref_cfg)
     real = real_data.images(range(len(real_data)))
-    values = digits_proxy_metrics(load_samples(paths), real, None if labels is None else np.array(labels))
+    fake = load_samples(paths)
+    values = digits_proxy_metrics(fake, real, None if labels is None else np.array(labels))
+    values[context_metric()] = fd_context(fake, real)  # the mechanism metric: neighborhood statistics
     values["step_time_s"] = median_step_time(run_dir)
     backend = f"digits classifier r{cfg.data.resolution} + clean-fid {version('clean-fid')} " \
               f"+ torch-fidelity {version('torch-fidelity')}"
@@ -172,10 +202,16 @@ def evaluate_unconditional(
     for metric in missing:
         rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
                    reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
-                   f"sha {tensor_hash(real)})", backend=backend if metric != "step_time_s" else
-                   "median of stats.jsonl step_time over the second half of training (wall clock, this machine)")
-        append_record(rec, records_path)
-        out.append(rec)
+                   f"sha {tensor_hash(real)})", backend={
+                       "step_time_s": "median of stats.jsonl step_time over the second half of training "
+                                      "(wall clock, this machine)",
+                       context_metric(): f"eval.context_stats (dilated rings, sorted sets) + clean-fid "
+                                         f"{version('clean-fid')} frechet_distance"}.get(metric, backend))
+        note = small_sample_note(num_samples, metric)
+        if note:
+            rec["note"] = note
+        if append_record(rec, records_path):
+            out.append(rec)
     return out
 
 
@@ -219,43 +255,71 @@ def keep_artifacts(experiment: str, run_dir: Path, results: Path = ROOT / "resul
             shutil.copyfile(src, dst)
 
 
-def run_in_parallel(experiment: str, tasks: list[tuple[Preset, int]], args: argparse.Namespace, records: Path) -> None:
+def worker_argv(args: argparse.Namespace, records: Path, shared_device: bool) -> list[str]:
+    """The arguments every worker of a sweep gets besides ``--presets``/``--seeds`` (``--jobs`` and ``--launcher``)."""
+    return ["--scale", args.scale, "--runs-dir", str(args.runs_dir.resolve()), "--records", str(records.resolve()),
+            *(["--shared-device"] if shared_device else []), "--no-tables",
+            *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
+            *(["--report-to", args.report_to] if args.report_to != "none" else []),
+            *(x for o in args.overrides for x in ("--set", o))]
+
+
+def run_in_parallel(
+    experiment: str, tasks: list[tuple[Preset, int]], args: argparse.Namespace, records: Path,
+    gpus: list[str] | None = None,
+) -> None:
     """Run each (preset, seed) as ``python -m experiments.<experiment>`` in its own process, ``args.jobs`` at a time.
 
     Workers share the cores evenly (``OMP_NUM_THREADS``), record no step time (``--shared-device``) and
-    append to the same records file; the longest presets start first. A failed run is reported and
-    the others go on; re-running the same command resumes the failed ones.
+    append to the same records file; the longest presets start first. Each starting worker gets the GPU the
+    fewest running workers hold (``CUDA_VISIBLE_DEVICES``; ``gpus`` defaults to the visible ones, see
+    :func:`experiments.cluster.visible_gpus`). While they run, one line per run shows its step of total, it/s and
+    time left, read from the run's ``stats.jsonl`` (:class:`experiments.cluster.ProgressBoard`; redrawn in place on
+    a terminal, a line per moving run every ``args.progress_every`` seconds otherwise). A failed run is reported
+    and the others go on; re-running the same command resumes the failed ones.
     """
     import os
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
+    from .cluster import GpuPool, ProgressBoard, RunWatch, run_dir_for, visible_gpus
+
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cpu_cores() // args.jobs)))
     logs = args.runs_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    common = ["--scale", args.scale, "--runs-dir", str(args.runs_dir), "--records", str(records), "--shared-device",
-              "--no-tables", *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
-              *(x for o in args.overrides for x in ("--set", o))]
-
-    def run(task: tuple[Preset, int]) -> tuple[str, int]:
-        preset, seed = task
-        name, t0 = f"{preset.name}-s{seed}", time.time()
-        log = logs / f"{experiment}-{name}.log"
-        print(f"== {experiment} / {name}: started, log {log}", flush=True)
-        with open(log, "a") as f:
-            rc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--presets", preset.name,
-                                 "--seeds", str(seed), *common], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"== {experiment} / {name}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} "
-              f"in {time.time() - t0:.0f} s", flush=True)
-        return name, rc
-
+    common = worker_argv(args, records, shared_device=True)
+    pool = GpuPool(visible_gpus() if gpus is None else gpus)
     if args.scale != "smoke":  # shared preparations (an autoencoder) once, before workers could race to make them
         for prepare in dict.fromkeys(p.prepare for p, _ in tasks if p.prepare is not None):
             prepare()
     longest_first = sorted(tasks, key=lambda t: -(t[0].expected_minutes or 0))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        failed = [name for name, rc in pool.map(run, longest_first) if rc != 0]
+    watches = {(p.name, s): RunWatch(f"{p.name}-s{s}", run_dir_for(args.runs_dir, args.scale, p.name, s))
+               for p, s in longest_first}
+    board = ProgressBoard(list(watches.values()), args.progress_every)
+
+    def run(task: tuple[Preset, int]) -> tuple[str, int]:
+        preset, seed = task
+        name, t0, watch = f"{preset.name}-s{seed}", time.time(), watches[(preset.name, seed)]
+        log = logs / f"{experiment}-{name}.log"
+        gpu = pool.acquire()
+        worker_env = env if gpu is None else dict(env, CUDA_VISIBLE_DEVICES=gpu)
+        watch.start(t0, "" if gpu is None else f"GPU {gpu}")
+        board.message(f"== {experiment} / {name}: started{'' if gpu is None else f' on GPU {gpu}'}, log {log}")
+        try:
+            with open(log, "a") as f:
+                rc = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--presets", preset.name,
+                                     "--seeds", str(seed), *common], stdout=f, stderr=subprocess.STDOUT,
+                                    env=worker_env).returncode
+        finally:
+            pool.release(gpu)
+        watch.state = "done" if rc == 0 else "failed"
+        board.message(f"== {experiment} / {name}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} "
+                      f"in {time.time() - t0:.0f} s")
+        return name, rc
+
+    with board, ThreadPoolExecutor(args.jobs) as workers:
+        failed = [name for name, rc in workers.map(run, longest_first) if rc != 0]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {logs}. "
                          "Re-running the same command resumes them.")
@@ -285,11 +349,37 @@ def main(
                         help="extra config override for every preset (recorded in the run's config.yaml)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run this many (preset, seed) runs at once, each in its own process with cores/jobs threads "
-                             "(implies --shared-device; logs in <runs-dir>/logs/)")
+                             "and, where GPUs exist, the least used GPU (CUDA_VISIBLE_DEVICES, round robin); shows one "
+                             "progress line per run (implies --shared-device; logs in <runs-dir>/logs/)")
+    parser.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                        help="--jobs/--launcher local: refresh the progress lines this often (default 1 on a terminal; "
+                             "60 otherwise, a line per run whose step moved)")
+    parser.add_argument("--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
+                        help="also log every stats.jsonl row (loss terms, LR) to this accelerate tracker "
+                             "(<run>/tracking/; needs the tracker's pip package)")
     parser.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # set for --jobs' workers
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every input of the chosen presets is present (data, weights, FID "
+                             "statistics, prompts), list the missing ones with the command that provides each, and exit "
+                             "(paper runs always check first)")
+    from .cluster import add_arguments, check_arguments
+
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    check_arguments(parser, args)
+    if args.progress_every is None:
+        args.progress_every = 1.0 if sys.stdout.isatty() else 60.0
+    if args.progress_every <= 0:
+        parser.error(f"--progress-every must be > 0 seconds, got {args.progress_every}")
+    if args.report_to != "none":
+        from core.tracking import check_tracker
+
+        try:
+            check_tracker(args.report_to)
+        except ImportError as e:
+            parser.error(str(e))
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [p for p in presets if args.scale == "smoke" or p.scale == args.scale]
     if not chosen:
@@ -306,7 +396,34 @@ def main(
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
     home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
     tasks = [(preset, seed) for preset in chosen for seed in seeds]
-    if args.jobs > 1:
+    if args.scale != "smoke":  # sample counts every metric can use, before any training
+        from eval.metrics import check_num_samples
+
+        for preset in chosen:
+            try:
+                check_num_samples(args.num_samples or preset.num_samples)
+            except ValueError as e:
+                parser.error(f"{preset.name}: {e}")
+    if args.check or args.scale == "paper":
+        from .preflight import report
+
+        configs = [(p, RunConfig.from_dict(apply_overrides(p.run_config(seeds[0]).to_dict(), args.overrides)))
+                   for p in chosen] if args.scale != "smoke" else []
+        ok, text = report(experiment, configs, paper=args.scale == "paper")
+        print(text, flush=True)
+        if not ok:
+            raise SystemExit(1)
+        if args.check:
+            return
+    if args.launcher:
+        from .cluster import launch
+
+        launch(experiment, tasks, args, records, worker_argv(args, records, shared_device=args.launcher == "local"
+                                                             and args.jobs > 1))
+        if args.launcher == "slurm":
+            return
+        tasks = []
+    elif args.jobs > 1:
         run_in_parallel(experiment, tasks, args, records)
         tasks = []
     for preset, seed in tasks:
@@ -322,7 +439,7 @@ def main(
         print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
         if preset.prepare is not None and args.scale != "smoke":
             preset.prepare()
-        train(cfg, run_dir)
+        train(cfg, run_dir, report_to=args.report_to)
         evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records, step_time=not args.shared_device)
         if args.scale != "smoke":
             keep_artifacts(experiment, run_dir, home / "results")

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import ROOT, TINY
 from tests.test_train import ENV, run_train
 
-EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation", "backbones"]
+EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation", "backbones",
+               "readings"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

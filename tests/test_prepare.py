@@ -23,11 +23,36 @@ def test_celebahq_prepare_checks_counts_and_loads(tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(src / f"{i}.jpg")
     bad = prepare("celebahq", "--src", src, "--data", tmp_path / "data", "--size", 16)
     assert bad.returncode != 0 and "expected 30000" in bad.stderr
-    ok = prepare("celebahq", "--src", src, "--data", tmp_path / "data", "--size", 16, "--allow-count-mismatch")
+    ok = prepare("celebahq", "--src", src, "--data", tmp_path / "data", "--size", 16, "--allow-count-mismatch", "--test", 2)
     assert ok.returncode == 0, ok.stderr
     out = tmp_path / "data" / "celebahq256"
     assert json.loads((out / "PREPARED.json").read_text())["count"] == 5
-    assert ImageData(DataConfig(source=str(out), resolution=16, channels=3)).images([4]).shape == (1, 3, 16, 16)
+    assert ImageData(DataConfig(source=str(out), resolution=16, channels=3)).images([2]).shape == (1, 3, 16, 16)
+
+
+def test_inpainting_test_split_is_held_out_from_training(tmp_path):
+    """RePaint's protocol: the test images are never training images (a flat folder has no test split at all)."""
+    src = tmp_path / "celeba"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((20, 20, 3), i * 40, np.uint8)).save(src / f"{i}.png")
+    proc = prepare("celebahq", "--src", src, "--data", tmp_path / "data", "--size", 8, "--allow-count-mismatch", "--test", 2)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "data" / "celebahq256"
+    splits = json.loads((out / "PREPARED.json").read_text())["splits"]
+    assert len(splits["test"]) == 2 and len(splits["train"]) == 4
+    assert not set(splits["test"]) & set(splits["train"]) and set(splits["test"]) | set(splits["train"]) == {
+        f"{i}.png" for i in range(6)}
+    train = ImageData(DataConfig(source=str(out), resolution=8, channels=3, split="train"))
+    test = ImageData(DataConfig(source=str(out), resolution=8, channels=3, split="test"))
+    level = lambda data: {round(float(x.mean()), 3) for x in data.images(range(len(data)))}  # one grey level per source
+    assert len(train) == 4 and len(test) == 2 and not level(train) & level(test)
+    import pytest
+
+    from core.data import DataError
+
+    with pytest.raises(DataError, match="no test/ folder"):
+        ImageData(DataConfig(source=str(out / "train"), resolution=8, channels=3, split="test"))
 
 
 def test_coco_prepare_writes_captions_and_seeded_val_prompts(tmp_path):

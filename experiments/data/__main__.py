@@ -5,7 +5,13 @@
     python -m experiments.data coco     --src ~/downloads/coco                   # train2014/, val2014/, annotations/
         # -> data/coco2014train256 (+ captions), data/coco2014val_30k.jsonl (30,000 seeded val captions),
         #    data/coco2014val256_30k (their images, the FID-30K reference)
-    python -m experiments.data imagenet --src ~/downloads/ILSVRC2012_val        # -> data/imagenet256 (first 100, sorted)
+    python -m experiments.data imagenet --src ~/downloads/ILSVRC2012_val        # -> data/imagenet256/test (first 100, sorted)
+
+CelebA-HQ keeps ``--test 100`` images out of training (RePaint's protocol: 100 held-out test images per dataset):
+they go to ``data/celebahq256/test/``, the other 29,900 to ``data/celebahq256/train/`` (HF ``imagefolder`` splits;
+training reads ``train``, inpainting evaluates ``test``). Which images are held out is drawn with seed 0 from the
+sorted file list [choice: RePaint's own 100 CelebA-HQ images come from LaMa's validation list, not shipped here];
+``PREPARED.json`` lists each split's source files, so the two are disjoint by construction and checkable.
 
 Images are center-cropped to a square and resized to 256 px (PIL bicubic), written as PNG with a
 ``metadata.jsonl`` (``file_name`` and, for COCO, ``caption``). Counts are checked against the
@@ -94,6 +100,24 @@ def coco(src: Path, data: Path, size: int, allow: bool) -> None:
                               data / "coco2014val256_30k", size, str(src))
 
 
+def write_splits(files: list[Path], out: Path, size: int, source: str, test: int) -> Path:
+    """``test`` files drawn with seed 0 -> ``out/test/``, the rest -> ``out/train/`` (all to ``out`` when 0)."""
+    if test <= 0:
+        return write_imagefolder([(f, {}) for f in files], out, size, source)
+    if test > len(files):
+        raise SystemExit(f"--test {test}: only {len(files)} images")
+    held = set(random.Random(0).sample(range(len(files)), test))
+    splits = {"train": [f for i, f in enumerate(files) if i not in held], "test": [files[i] for i in sorted(held)]}
+    for split, chosen in splits.items():
+        if chosen:
+            write_imagefolder([(f, {}) for f in chosen], out / split, size, source)
+    (out / "PREPARED.json").write_text(json.dumps({
+        "source": source, "count": len(files), "size": size, "test_seed": 0,
+        "splits": {k: [str(f.relative_to(source)) if f.is_relative_to(source) else str(f) for f in v]
+                   for k, v in splits.items()}}, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="output root (default: data/)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--allow-count-mismatch", action="store_true")
+    parser.add_argument("--test", type=int, help="images held out as the test split (default: celebahq 100, "
+                                                 "imagenet all 100, ffhq 0; never used for training)")
     args = parser.parse_args(argv)
     src = args.src.expanduser()
     if args.dataset == "coco":
@@ -112,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         files = files[:100]
     check_count(args.dataset, len(files), args.allow_count_mismatch)
     out = args.data / {"celebahq": "celebahq256", "ffhq": "ffhq256", "imagenet": "imagenet256"}[args.dataset]
-    print(write_imagefolder([(f, {}) for f in files], out, args.size, str(src)))
+    test = args.test if args.test is not None else {"celebahq": 100, "ffhq": 0, "imagenet": len(files)}[args.dataset]
+    print(write_splits(files, out, args.size, str(src), test))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Inpainting (paper Table 3): RePaint on an unconditionally trained model, baseline vs ConPreDiff.
 
-Each preset inpaints the first N held-out images under the six masks (Wide, Narrow, Super-Resolve 2x,
+Each preset inpaints the first N held-out images (the ``test/`` split that ``python -m experiments.data``
+writes and training never reads; the digits' fixed test split at mini scale) under the six masks (Wide, Narrow, Super-Resolve 2x,
 Alternating Lines, Half, Expand; ``core.inpaint``), one seeded mask and one seeded sampler per image.
 Paper scale: a pixel DDPM on CelebA-HQ 256, 100 test images, RePaint T=250, jump 10, 10 resamplings,
 LPIPS (AlexNet, v0.1). Mini scale: the unconditional table's 16x16 digit models (shared runs), 100
-held-out digits, RePaint T=50, jump 5, 5 resamplings [choice, for CPU time]; metrics
+held-out digits, RePaint T=50, jump 5, 5 resamplings [choice, for CPU time]; both scales step ancestrally
+in the unknown region (eta 1) with RePaint's exact jump back (``core.inpaint``); metrics
 ``percep_digits`` (LPIPS-like proxy in the digits classifier, not LPIPS), hole ``mse`` and ``psnr``.
 
     python -m experiments.inpainting --scale mini --seeds 0,1,2
@@ -18,8 +20,9 @@ from ..common import Preset
 from ..unconditional import PRESETS as UNCONDITIONAL, _with
 
 _base = {p.name: p for p in UNCONDITIONAL}
-MINI_REPAINT = {"steps": 50, "jump_length": 5, "jump_n_sample": 5, "num_images": 100}
-PAPER_REPAINT = {"steps": 250, "jump_length": 10, "jump_n_sample": 10, "num_images": 100}
+# eta 1: ancestral steps in the unknown region, as RePaint's p_sample (core.inpaint.ExactRePaintScheduler).
+MINI_REPAINT = {"steps": 50, "jump_length": 5, "jump_n_sample": 5, "eta": 1.0, "num_images": 100}
+PAPER_REPAINT = {"steps": 250, "jump_length": 10, "jump_n_sample": 10, "eta": 1.0, "num_images": 100}
 
 # A pixel-space DDPM at 256 px in the spirit of RePaint's guided-diffusion CelebA-HQ model [choice].
 _PAPER_PIXEL = {

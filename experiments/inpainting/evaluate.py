@@ -1,4 +1,9 @@
-"""Inpaint held-out images under the six masks and record the metrics (resumable per image)."""
+"""Inpaint held-out images under the six masks and record the metrics (resumable per image).
+
+Fills are kept per (sampler, mask) with the pipeline's checkpoint as provenance (fills of another
+export are drawn again), and a metric already recorded for this checkpoint is neither measured nor
+appended again.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,22 @@ import torch
 
 from core.config import RunConfig
 from core.data import ImageData
-from core.inpaint import MASK_KINDS, make_mask, repaint
-from core.sample import load_png, load_unet, to_uint8, write_missing_pngs
-from core.train import list_checkpoints
+from core.inpaint import MASK_KINDS, MASK_VERSION, make_mask, repaint, repaint_sampler_name
+from core.sample import load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
 from eval.records import append_record, load_records
 
-from ..common import Preset, recorded, save_grid, tensor_hash
+from ..common import Preset, exported_checkpoint, recorded, save_grid, tensor_hash
 
 METRICS = ("percep_digits", "mse_hole", "psnr_hole")
+
+
+def metric_names(scale: str, cfg: RunConfig, channels: int) -> tuple[str, ...]:
+    """The metrics :func:`inpainting_metrics` measures and :func:`evaluate_inpainting` records at ``scale``."""
+    if scale == "paper":
+        return ("mse_hole", "psnr_hole", "lpips_alex")
+    if channels == 1 and (scale != "smoke" or cfg.data.source == "digits"):
+        return METRICS
+    return ("mse_hole", "psnr_hole")
 
 
 def evaluate_inpainting(
@@ -29,30 +42,39 @@ def evaluate_inpainting(
 
     state = PartialState(cpu=not torch.cuda.is_available())
     opts = preset.extra
+    if not 0 <= opts.get("eta", 1.0) <= 1:
+        raise ValueError(f"preset {preset.name}: extra['eta']={opts['eta']}; "
+                         "allowed: 0 <= eta <= 1 (1 = ancestral, as RePaint)")
     n = opts["num_images"] if scale != "smoke" else 4
     steps, jump, resample = (opts["steps"], opts["jump_length"], opts["jump_n_sample"]) if scale != "smoke" else (4, 2, 2)
-    step = list_checkpoints(run_dir)[-1][0]
+    step = exported_checkpoint(run_dir)
     test_cfg = copy.deepcopy(cfg.data)
     test_cfg.split, test_cfg.num_examples = "test", n
     images = ImageData(test_cfg).images(range(n))
     unet = load_unet(run_dir / "pipeline").to(state.device).eval()
     sched_config = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler").config
-    clip = cfg.diffusion.clip_sample
-    sampler = f"repaint-{steps}-j{jump}-r{resample}-{'clip' if clip else 'noclip'}"
+    clip, eta = cfg.diffusion.clip_sample, opts.get("eta", 1.0)
+    sampler = repaint_sampler_name(steps, jump, resample, eta, clip)
+    # The masks are part of the reference: records of another mask generator are never averaged with these.
+    reference = f"{test_cfg.source} test split, first {n} (sha {tensor_hash(images)}); masks v{MASK_VERSION}"
+    wanted = metric_names(scale, cfg, images.shape[1])
+    pipeline = pipeline_provenance(run_dir / "pipeline")
     existing = load_records(records_path)
     out = []
     for kind in MASK_KINDS:
         key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=n,
-                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler)
-        if all(recorded(existing, metric=m, **key) for m in METRICS):
+                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler, reference=reference)
+        if all(recorded(existing, metric=m, **key) for m in wanted):
             continue
         masks = torch.stack([make_mask(kind, images.shape[-1], seed=i) for i in range(n)])
 
         def render(chunk: list[int]) -> np.ndarray:
             return to_uint8(repaint(unet, sched_config, images[chunk], masks[chunk], chunk, steps, jump, resample,
-                                    state.device, clip))
+                                    state.device, clip, eta))
 
-        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), 100, render, state)
+        provenance = {"pipeline": pipeline, "sampler": sampler, "mask": kind, "masks": tensor_hash(masks),
+                      "images": tensor_hash(images)}
+        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), 100, render, state, provenance)
         if not state.is_main_process:
             continue
         save_grid(paths[:16], run_dir / "inpainting" / f"{kind}.png", columns=8)
@@ -60,11 +82,9 @@ def evaluate_inpainting(
         values = inpainting_metrics(done, images, masks, scale)
         for metric, value in values.items():
             rec = dict(key, method=preset.method, metric=metric, value=value, ema=True,
-                       reference=f"{test_cfg.source} test split, first {n} (sha {tensor_hash(images)})",
                        backend="digits classifier conv maps (LPIPS-style proxy)" if metric.startswith("percep")
                        else "numpy, pixels in [-1, 1], hole region only")
-            if scale != "smoke" or metric != "percep_digits" or cfg.data.source == "digits":
-                append_record(rec, records_path)
+            if metric in wanted and not recorded(existing, metric=metric, **key) and append_record(rec, records_path):
                 out.append(rec)
     return out
 
@@ -78,8 +98,8 @@ def inpainting_metrics(done: torch.Tensor, truth: torch.Tensor, known: torch.Ten
     if scale == "paper":
         from eval.metrics import lpips_alex
 
-        metric = lpips_alex("cuda" if torch.cuda.is_available() else "cpu")
-        device = next(metric.parameters()).device
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        metric = lpips_alex(device)
         with torch.no_grad():
             values["lpips_alex"] = float(metric(done.to(device), truth.to(device)).mean())
     elif done.shape[1] == 1:

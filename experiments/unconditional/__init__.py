@@ -43,21 +43,39 @@ def _with(base: dict, **sections) -> dict:
     return out
 
 
-# LDM-4 (Rombach et al. 2022, CelebA-HQ): VQ-f4 latents 64x64x3, channels 224 x (1,2,3,4), attention at
-# 32/16/8, batch 48, lr 9.6e-5, 410k steps (FFHQ: batch 42, 635k steps).
-def _paper(dataset: str, steps: int, batch: int) -> dict:
+# LDM's VQ-f4 first stage (CompVis configs/first_stage_models/vq-f4: 64x64x3 latents, 8192 codes) in diffusers
+# layout: the `vqvae` of CompVis/ldm-celebahq-256 at the main-branch commit that holds its diffusers-format weights
+# ("upload new weights", 2022-07-28). Its config has no scaling_factor, which diffusers would fill with 0.18215;
+# LDM-4 does not scale VQ latents (LatentDiffusion's scale_factor defaults to 1.0), so latent_scale is 1.0.
+LDM_VQ_F4 = {"vae": "CompVis/ldm-celebahq-256", "vae_revision": "03978f22272a3c2502da709c3940e227c9714bdd",
+             "vae_subfolder": "vqvae", "latent_scale": 1.0}
+
+
+# LDM-4 exactly as CompVis ships it (configs/latent-diffusion/{celebahq,ffhq}-ldm-vq-4.yaml, README; SPEC section 5):
+# betas linear_start 0.0015 -> linear_end 0.0195 on a square-root-linear grid (diffusers' scaled_linear), UNet
+# 224 x (1,2,3,4) with 2 res blocks, attention at latent resolutions 32/16/8 and in the middle, 32 channels per
+# head, lr = base_learning_rate 2e-6 x batch (main.py's scale_lr), constant (no scheduler_config, so no warm-up),
+# torch AdamW defaults (weight decay 0.01), no gradient clipping (Lightning's default), EMA 0.9999 with the same
+# (1 + n) / (10 + n) warm-up as LitEma. Sampling: 200 DDIM steps, eta 0 (CelebA-HQ) or 1 (FFHQ).
+# Steps: 410k (CelebA-HQ, batch 48) and 635k (FFHQ, batch 42), LDM's Table 18.
+def _paper(dataset: str, steps: int, batch: int, eta: float = 0.0) -> dict:
     return {
         "backbone": "latent",
         "model": {"block_out_channels": [224, 448, 672, 896], "layers_per_block": 2,
                   "attention": [False, True, True, True], "mid_attention": True, "norm_num_groups": 32,
-                  "vae": "data/weights/ldm-vq-f4"},
+                  "head_channels": 32, **LDM_VQ_F4},
         "data": {"source": f"data/{dataset}", "resolution": 256, "channels": 3},
-        "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "sampler": "ddim",
-                      "sampling_steps": 200},
-        "train": {"batch_size": batch, "steps": steps, "lr": 9.6e-5, "warmup_steps": 1000, "ema_decay": 0.9999,
-                  "checkpoint_every": 5000, "log_every": 100},
+        "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.0015,
+                      "beta_end": 0.0195, "sampler": "ddim", "sampling_steps": 200, "eta": eta},
+        "train": {"batch_size": batch, "steps": steps, "lr": round(2e-6 * batch, 12), "warmup_steps": 0,
+                  "weight_decay": 0.01, "max_grad_norm": 0.0, "ema_decay": 0.9999, "checkpoint_every": 5000,
+                  "log_every": 100},
         "context": {"enabled": False, "strides": [1, 2, 3]},
     }
+
+
+CELEBAHQ = _paper("celebahq256", 410_000, 48, eta=0.0)
+FFHQ = _paper("ffhq256", 635_000, 42, eta=1.0)
 
 
 # [choice] mini-gpu (issue 6's "larger mini setting" for a lent GPU): 32x32 digits (the 28 px MNIST upscaled),
@@ -101,12 +119,12 @@ PRESETS = [
            expected_minutes=estimated_minutes((11.7 - 1.5) / 8.4, steps=5000), minutes_estimated=True),
     Preset("mini-gpu-digits32-baseline", "mini-gpu", "baseline", "digits32", GPU32),
     Preset("mini-gpu-digits32-conprediff", "mini-gpu", "conprediff", "digits32", _with(GPU32, context={"enabled": True})),
-    Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "celebahq256", _paper("celebahq256", 410_000, 48),
-           paper="FID 5.11 (LDM-4, as cited)", num_samples=50_000),
+    Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "celebahq256", CELEBAHQ,
+           paper="FID 5.11, P 0.72, R 0.49 (LDM-4, as cited)", num_samples=50_000),
     Preset("paper-celebahq256-conprediff", "paper", "conprediff", "celebahq256",
-           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True}), paper="FID 3.22", num_samples=50_000),
-    Preset("paper-ffhq256-ldm4-baseline", "paper", "baseline", "ffhq256", _paper("ffhq256", 635_000, 42),
-           paper="FID 4.98 (LDM-4, as cited)", num_samples=50_000),
+           _with(CELEBAHQ, context={"enabled": True}), paper="FID 3.22", num_samples=50_000),
+    Preset("paper-ffhq256-ldm4-baseline", "paper", "baseline", "ffhq256", FFHQ,
+           paper="FID 4.98, P 0.73, R 0.50 (LDM-4, as cited)", num_samples=50_000),
     Preset("paper-ffhq256-conprediff", "paper", "conprediff", "ffhq256",
-           _with(_paper("ffhq256", 635_000, 42), context={"enabled": True}), paper="FID 2.24", num_samples=50_000),
+           _with(FFHQ, context={"enabled": True}), paper="FID 2.24", num_samples=50_000),
 ]
