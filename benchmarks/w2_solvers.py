@@ -89,6 +89,16 @@ def exact_rows(pred: torch.Tensor, target: torch.Tensor, repeats: int, device: s
     return [(label, t, e, t_scipy / t) for label, t, e in rows]
 
 
+def cases(args):
+    """``(K, D, pred, target)`` for every K and D asked for: ``args.n`` predicted and target sets, seeded (the same
+    for every solver)."""
+    for k in map(int, args.k.split(",")):
+        for d in map(int, args.d.split(",")):
+            g = torch.Generator().manual_seed(0)
+            yield k, d, torch.randn(args.n, k, d, generator=g).to(args.device), \
+                torch.randn(args.n, k, d, generator=g).to(args.device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16384)
@@ -110,15 +120,11 @@ def main() -> None:
               f"threads {args.threads}, N={args.n}, best of {args.repeats}\n")
         print("| K | D | exact solver | seconds (N sets) | mean rel. error vs SciPy | speed-up over the SciPy loop |")
         print("|---|---|---|---|---|---|")
-        for k in map(int, args.k.split(",")):
-            for d in map(int, args.d.split(",")):
-                g = torch.Generator().manual_seed(0)
-                pred = torch.randn(args.n, k, d, generator=g).to(args.device)
-                target = torch.randn(args.n, k, d, generator=g).to(args.device)
-                if args.warm:
-                    exact_rows(pred[:64], target[:64], 1, args.device, 64)
-                for label, t, e, speedup in exact_rows(pred, target, args.repeats, args.device, args.loop_n):
-                    print(f"| {k} | {d} | {label} | {t:.3f} | {e:.2e} | {speedup:.1f}x |", flush=True)
+        for k, d, pred, target in cases(args):
+            if args.warm:
+                exact_rows(pred[:64], target[:64], 1, args.device, 64)
+            for label, t, e, speedup in exact_rows(pred, target, args.repeats, args.device, args.loop_n):
+                print(f"| {k} | {d} | {label} | {t:.3f} | {e:.2e} | {speedup:.1f}x |", flush=True)
         return
     import ot  # POT: only the full comparison needs it
 
@@ -126,35 +132,31 @@ def main() -> None:
           f"N={args.n}\n")
     print("| K | D | solver | seconds (N sets) | mean rel. error vs exact |")
     print("|---|---|---|---|---|")
-    for k in map(int, args.k.split(",")):
-        for d in map(int, args.d.split(",")):
-            g = torch.Generator().manual_seed(0)
-            pred = torch.randn(args.n, k, d, generator=g).to(args.device)
-            target = torch.randn(args.n, k, d, generator=g).to(args.device)
-            t_exact, exact = timed(lambda: w2_sets(pred, target), args.repeats, args.device)
-            exact = exact.double().cpu()
-            rows = [("w2_sets exact (default: " + ("DP" if args.device == "cuda" and k <= EXACT_DP_MAX_K else "Hungarian") + ")", t_exact, 0.0)]
-            if k <= EXACT_DP_MAX_K:
-                t, w = timed(lambda: w2_exact(pred, target, method="dp"), args.repeats, args.device)
-                rows.append(("exact, batched subset DP (ours)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
-            cost = pairwise_sq_dists(pred, target).double().cpu().numpy()
-            m = min(args.loop_n, args.n)
-            for label, fn in (("scipy linear_sum_assignment loop", scipy_loop), ("POT ot.emd2 loop", pot_loop)):
-                t, w = timed(lambda: fn(cost[:m]), 1, "cpu")
-                rows.append((label, t * args.n / m, float(np.mean(np.abs(w - exact[:m].numpy()) / exact[:m].numpy()))))
-            for reg in (0.05, 0.01):
-                t, w = timed(lambda: w2_sets(pred, target, solver="sinkhorn", sinkhorn_reg=reg, sinkhorn_iters=100),
-                             args.repeats, args.device)
-                rows.append((f"sinkhorn (ours, log-domain, reg={reg}, 100 it)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
-            cost_t = pairwise_sq_dists(pred, target)
-            scale = cost_t.mean((-1, -2), keepdim=True)
-            t, res = timed(lambda: ot.batch.solve_batch(cost_t / scale, reg=0.05, max_iter=100), args.repeats, args.device)
-            w = (res.value_linear * scale.squeeze()).double().cpu()
-            rows.append(("POT ot.batch.solve_batch (entropic, reg=0.05)", t, ((w - exact).abs() / exact).mean().item()))
-            t, w = timed(lambda: w2_sets(pred, target, solver="sliced", sliced_projections=64), args.repeats, args.device)
-            rows.append(("sliced (64 projections, x D)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
-            for label, t, err in rows:
-                print(f"| {k} | {d} | {label} | {t:.3f} | {err:.2e} |")
+    for k, d, pred, target in cases(args):
+        t_exact, exact = timed(lambda: w2_sets(pred, target), args.repeats, args.device)
+        exact = exact.double().cpu()
+        rows = [("w2_sets exact (default: " + ("DP" if args.device == "cuda" and k <= EXACT_DP_MAX_K else "Hungarian") + ")", t_exact, 0.0)]
+        if k <= EXACT_DP_MAX_K:
+            t, w = timed(lambda: w2_exact(pred, target, method="dp"), args.repeats, args.device)
+            rows.append(("exact, batched subset DP (ours)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
+        cost = pairwise_sq_dists(pred, target).double().cpu().numpy()
+        m = min(args.loop_n, args.n)
+        for label, fn in (("scipy linear_sum_assignment loop", scipy_loop), ("POT ot.emd2 loop", pot_loop)):
+            t, w = timed(lambda: fn(cost[:m]), 1, "cpu")
+            rows.append((label, t * args.n / m, float(np.mean(np.abs(w - exact[:m].numpy()) / exact[:m].numpy()))))
+        for reg in (0.05, 0.01):
+            t, w = timed(lambda: w2_sets(pred, target, solver="sinkhorn", sinkhorn_reg=reg, sinkhorn_iters=100),
+                         args.repeats, args.device)
+            rows.append((f"sinkhorn (ours, log-domain, reg={reg}, 100 it)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
+        cost_t = pairwise_sq_dists(pred, target)
+        scale = cost_t.mean((-1, -2), keepdim=True)
+        t, res = timed(lambda: ot.batch.solve_batch(cost_t / scale, reg=0.05, max_iter=100), args.repeats, args.device)
+        w = (res.value_linear * scale.squeeze()).double().cpu()
+        rows.append(("POT ot.batch.solve_batch (entropic, reg=0.05)", t, ((w - exact).abs() / exact).mean().item()))
+        t, w = timed(lambda: w2_sets(pred, target, solver="sliced", sliced_projections=64), args.repeats, args.device)
+        rows.append(("sliced (64 projections, x D)", t, ((w.double().cpu() - exact).abs() / exact).mean().item()))
+        for label, t, err in rows:
+            print(f"| {k} | {d} | {label} | {t:.3f} | {err:.2e} |")
 
 
 if __name__ == "__main__":

@@ -231,15 +231,20 @@ def inception_problem() -> str | None:
             f"Download {INCEPTION_URL} on a machine with a network and put it there (or set ${WEIGHTS_ENV})")
 
 
-def alexnet_problem() -> str | None:
-    """``None`` when torchvision's AlexNet file (LPIPS v0.1's backbone) is cached or downloadable now; else why not."""
+def torch_hub_file_problem(name: str, url: str, what: str) -> str | None:
+    """``None`` when ``name`` is in torch.hub's checkpoints folder or ``url`` is downloadable now; else why not."""
     from core.hub import can_download
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-    if path.exists() or can_download(ALEXNET_URL):
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if path.exists() or can_download(url):
         return None
-    return (f"LPIPS (AlexNet, v0.1) needs {ALEXNET_FILE}, not at {path} and not downloadable now (offline). Download "
-            f"{ALEXNET_URL} on a machine with a network and put it there (torch.hub's checkpoints folder)")
+    return (f"{what} needs {name}, not at {path} and not downloadable now (offline). Download {url} on a machine "
+            "with a network and put it there (torch.hub's checkpoints folder)")
+
+
+def alexnet_problem() -> str | None:
+    """``None`` when torchvision's AlexNet file (LPIPS v0.1's backbone) is cached or downloadable now; else why not."""
+    return torch_hub_file_problem(ALEXNET_FILE, ALEXNET_URL, "LPIPS (AlexNet, v0.1)")
 
 
 def clean_fid_feature_extractor(device: str = "cuda"):
@@ -274,13 +279,7 @@ TF_INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/
 
 def torchfidelity_inception_problem() -> str | None:
     """``None`` when torch-fidelity's Inception weights are in torch.hub's cache or downloadable now; else why not."""
-    from core.hub import can_download
-
-    path = Path(torch.hub.get_dir()) / "checkpoints" / TF_INCEPTION_FILE
-    if path.exists() or can_download(TF_INCEPTION_URL):
-        return None
-    return (f"FID (torch-fidelity) needs {TF_INCEPTION_FILE}, not at {path} and not downloadable now (offline). "
-            f"Download {TF_INCEPTION_URL} on a machine with a network and put it there (torch.hub's checkpoints folder)")
+    return torch_hub_file_problem(TF_INCEPTION_FILE, TF_INCEPTION_URL, "FID (torch-fidelity)")
 
 
 def fid_torchfidelity(fake_dir: str | Path, ref_dir: str | Path, device: str = "cuda", batch_size: int = 64,
