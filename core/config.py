@@ -112,6 +112,9 @@ class ModelConfig:
     num_heads: int | None = None  # heads per attention layer instead (CompVis num_heads); conditional UNet only
     token_levels: int = 8  # backbone=discrete: grey levels per pixel (tokens), codebook = level centres
     token_embed_dim: int = 32  # backbone=discrete: token embedding width fed to the UNet
+    # Recompute the UNet's activations in the backward pass (diffusers enable_gradient_checkpointing): less memory,
+    # ~30% more compute, the same loss and gradients.
+    gradient_checkpointing: bool = False
 
     def validate(self, p: str = "model") -> None:
         _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
@@ -172,12 +175,16 @@ class DataConfig:
     num_examples: int | None = None  # use the first N examples only
     skip_corrupt: bool = False  # drop undecodable images (reported with a count) instead of stopping
     allow_upscale: bool = False  # accept images smaller than resolution (e.g. 28 px digits at 32 px)
+    # DataLoader worker processes decoding the next micro-batches (0: decoded in the training process, as before);
+    # the images of a step stay a function of (seed, step). Pinned memory on CUDA.
+    num_workers: int = 0
 
     def validate(self, p: str = "data") -> None:
         _check(f"{p}.resolution", self.resolution >= 4, "must be >= 4")
         _choice(f"{p}.channels", self.channels, (1, 3))
         _choice(f"{p}.split", self.split, ("train", "test"))
         _check(f"{p}.num_examples", self.num_examples is None or self.num_examples >= 1, "must be >= 1 or null")
+        _check(f"{p}.num_workers", self.num_workers >= 0, "must be >= 0 (0: no worker processes)")
 
 
 @dataclass
@@ -196,7 +203,10 @@ class TrainConfig:
     context_max_grad_norm: float = 0.0
     grad_accumulation: int = 1
     ema_decay: float = 0.999
+    # no | fp16 | bf16, the single source of the run's precision: an `accelerate launch --mixed_precision` that asks
+    # for another one is refused (core.train.check_launcher_precision). Paper presets: bf16.
     mixed_precision: str = "no"
+    allow_tf32: bool = False  # CUDA only: TF32 for fp32 matmuls and convolutions (paper presets: true)
     cond_dropout: float = 0.1  # text-to-image: probability of training with the empty caption
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2

@@ -213,3 +213,34 @@ def global_batch_indices(n: int, seed: int, step: int, batch_size: int) -> np.nd
         sel = pos // n == epoch
         out[sel] = epoch_permutation(n, seed, int(epoch))[pos[sel] % n]
     return out
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item ``step * grad_accumulation + m``: this process's images ``(local_batch, C, R, R)`` of micro-batch ``m``
+    of optimizer step ``step`` -- the same images, in the same order, whichever process decodes them."""
+
+    def __init__(self, data: ImageData, seed: int, batch_size: int, grad_accumulation: int, offset: int,
+                 local_batch: int):
+        self.data, self.seed, self.batch_size, self.accumulation = data, seed, batch_size, grad_accumulation
+        self.offset, self.local_batch = offset, local_batch
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        step, m = divmod(k, self.accumulation)
+        first = m * (self.batch_size // self.accumulation) + self.offset
+        batch = global_batch_indices(len(self.data), self.seed, step, self.batch_size)
+        return self.data.images(batch[first : first + self.local_batch])
+
+
+def micro_batches(micro: MicroBatches, start: int, end: int, num_workers: int = 0, pin_memory: bool = False):
+    """Iterate the micro-batches of optimizer steps ``start .. end-1`` in order.
+
+    ``num_workers == 0`` decodes each one when asked, in this process; otherwise a ``torch.utils.data.DataLoader``
+    with that many workers decodes ahead (``pin_memory`` for faster host-to-GPU copies). Its own seeded generator
+    keeps the global torch RNG untouched, so the run is the same either way.
+    """
+    keys = range(start * micro.accumulation, end * micro.accumulation)
+    if num_workers == 0:
+        return (micro[k] for k in keys)
+    loader = torch.utils.data.DataLoader(micro, batch_size=None, sampler=keys, num_workers=num_workers,
+                                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(micro.seed))
+    return iter(loader)

@@ -27,6 +27,7 @@ def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channel
     """A ``UNet2DModel`` (or ``UNet2DConditionModel`` when ``cross_attention_dim`` is set).
 
     Heads: ``model.head_channels`` channels per head, or ``model.num_heads`` heads (conditional UNet only).
+    ``model.gradient_checkpointing`` recomputes activations in the backward pass (training only).
     """
     levels = len(cfg.block_out_channels)
     attention = cfg.attention or (False,) * levels
@@ -45,13 +46,17 @@ def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channel
     if cfg.cross_attention_dim is not None:
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
         up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-        return UNet2DConditionModel(
+        unet = UNet2DConditionModel(
             down_block_types=down, up_block_types=up, cross_attention_dim=cfg.cross_attention_dim,
             attention_head_dim=attention_head_dim(cfg), **common,
         )
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-    return UNet2DModel(down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim(cfg), **common)
+    else:
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
+        unet = UNet2DModel(down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim(cfg), **common)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -94,10 +99,12 @@ class Autoencoder:
     ``scale`` multiplies the latents (``None``: the config's ``scaling_factor``). LDM-4's VQ-f4 uses 1.0
     (CompVis ``scale_factor`` default); diffusers fills a missing ``scaling_factor`` with 0.18215, so the
     LDM-4 presets set it. The chosen scale is written into the model's config, so an exported ``vae/`` keeps it.
+    ``dtype``: the weights' and computation's dtype (training passes bf16 when it trains in bf16 on CUDA); latents
+    and decoded images come back in float32.
     """
 
     def __init__(self, path: str, device: torch.device | str = "cpu", revision: str | None = None,
-                 subfolder: str | None = None, scale: float | None = None):
+                 subfolder: str | None = None, scale: float | None = None, dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL, VQModel
 
         from .hub import from_pretrained, is_hub_id, weights_problem
@@ -113,7 +120,9 @@ class Autoencoder:
                                      **({"revision": revision} if revision and is_hub_id(path) else {}),
                                      **({"subfolder": subfolder} if subfolder else {}))
         cls = VQModel if config.get("_class_name") == "VQModel" else AutoencoderKL
-        self.model = from_pretrained(cls, "model.vae", path, revision, subfolder).to(device).eval().requires_grad_(False)
+        self.model = (from_pretrained(cls, "model.vae", path, revision, subfolder).to(device, dtype).eval()
+                      .requires_grad_(False))
+        self.dtype = dtype
         self.is_vq = cls is VQModel
         if scale is not None:
             self.model.register_to_config(scaling_factor=float(scale))
@@ -121,13 +130,13 @@ class Autoencoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if self.is_vq:
-            return self.model.encode(images).latents * self.scale
-        return self.model.encode(images).latent_dist.mean * self.scale
+        """``(B, C, R, R)`` in [-1, 1] -> float32 latents ``(B, latent_channels, R/f, R/f)``, computed in ``dtype``."""
+        out = self.model.encode(images.to(self.dtype))
+        return (out.latents if self.is_vq else out.latent_dist.mean).float() * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latents / self.scale).sample.clamp(-1, 1)
+        return self.model.decode((latents / self.scale).to(self.dtype)).sample.float().clamp(-1, 1)
 
     @property
     def latent_channels(self) -> int:

@@ -37,10 +37,12 @@ class TextEncoder:
 
     ``max_length``: tokens per caption; default 16 for MiniLM, the tokenizer's own context for other encoders
     (77 for CLIP, capped at 512). The cache keeps the states of the last ``cache_size`` distinct captions.
+    ``dtype``: the encoder's weights and computation (training passes bf16 when it trains in bf16 on CUDA); the
+    states come back in float32.
     """
 
     def __init__(self, name: str, device: torch.device | str = "cpu", max_length: int | None = None,
-                 revision: str | None = None, cache_size: int = 1024):
+                 revision: str | None = None, cache_size: int = 1024, dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
         from .hub import from_pretrained
@@ -50,7 +52,7 @@ class TextEncoder:
         model_type = from_pretrained(AutoConfig, key, source, revision).model_type
         loader = CLIPTextModel if model_type in CLIP_TYPES else AutoModel
         self.tokenizer = from_pretrained(AutoTokenizer, key, source, revision)
-        self.model = from_pretrained(loader, key, source, revision).to(device).eval().requires_grad_(False)
+        self.model = from_pretrained(loader, key, source, revision).to(device, dtype).eval().requires_grad_(False)
         if max_length is None:
             max_length = MINILM_MAX_TOKENS if name == "minilm" else min(int(self.tokenizer.model_max_length), 512)
         self.device, self.max_length, self.cache_size = device, max_length, cache_size
@@ -66,7 +68,7 @@ class TextEncoder:
         if new:
             tok = self.tokenizer(new, padding="max_length", truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
-            states = self.model(**tok).last_hidden_state * tok["attention_mask"].unsqueeze(-1)
+            states = self.model(**tok).last_hidden_state.float() * tok["attention_mask"].unsqueeze(-1)
             self.cache.update(zip(new, states))
         out = torch.stack([self.cache[c] for c in captions])
         for c in captions:

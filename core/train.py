@@ -36,7 +36,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from .config import ConfigError, RunConfig, apply_overrides, config_diff, load_yaml
-from .data import ImageData, global_batch_indices
+from .data import ImageData, MicroBatches, global_batch_indices, micro_batches
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
 from .runlog import RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
@@ -100,6 +100,25 @@ def check_precision(cfg: RunConfig, device: str, native_amp: bool | None = None)
         alt = "'bf16' or 'no'" if device == "cpu" else "'no'"
         raise ConfigError(f"train.mixed_precision={mp!r} is not applied on {device} (accelerate would silently "
                           f"train in fp32); use {alt} here, or a CUDA GPU for fp16")
+
+
+def check_launcher_precision(cfg: RunConfig, env: dict | None = None) -> str | None:
+    """The config's ``train.mixed_precision`` is what runs; a launcher asking for another mixed precision is refused.
+
+    ``accelerate launch --mixed_precision X`` sets ``ACCELERATE_MIXED_PRECISION=X``. A mixed X (fp16, bf16) other
+    than the config's raises :class:`ConfigError` before any compute, naming both and the fix. ``no`` is also what
+    ``accelerate launch`` sets when no precision is asked for (indistinguishable from an explicit ``no``), so it
+    never overrides the config. Returns the launcher's value (None when not launched that way), for env.json.
+    """
+    launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION")
+    mp = cfg.train.mixed_precision
+    if launcher is not None and launcher.lower() not in ("no", mp):
+        raise ConfigError(
+            f"the launcher asks for mixed precision {launcher!r} (accelerate launch --mixed_precision, or accelerate's "
+            f"default config) but train.mixed_precision={mp!r}; the config decides what runs and config.yaml records "
+            f"it, so pass --set train.mixed_precision={launcher.lower()} to train in {launcher.lower()}, or launch "
+            f"with --mixed_precision {mp}")
+    return launcher
 
 
 def check_latent_size(cfg: RunConfig, downsample: int) -> None:
@@ -186,6 +205,7 @@ def train(
     accelerate ``GeneralTracker``) also sends each ``stats.jsonl`` row to that tracker (:mod:`core.tracking`).
     """
     run_dir = Path(run_dir)
+    launcher_precision = check_launcher_precision(cfg)
     check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
                               **accelerator_kwargs(report_to, run_dir))
@@ -201,10 +221,16 @@ def train(
     local_batch, offset = shares[rank], sum(shares[:rank])
     share_weight = local_batch * world / (cfg.train.batch_size // cfg.train.grad_accumulation)
     tc = cfg.train
+    cuda = device.type == "cuda"
+    if cuda:  # process-wide: set from this run's config either way (cuDNN's own default is already TF32)
+        torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tc.allow_tf32 or torch.backends.cudnn.allow_tf32
+    # Frozen encoders compute in bf16 when the run trains in bf16 on a GPU (their outputs come back in float32).
+    frozen_dtype = torch.bfloat16 if cuda and accelerator.mixed_precision == "bf16" else torch.float32
 
     data = ImageData(cfg.data)
     vae = Autoencoder(cfg.model.vae, device, cfg.model.vae_revision, cfg.model.vae_subfolder,
-                      cfg.model.latent_scale) if cfg.backbone == "latent" else None
+                      cfg.model.latent_scale, dtype=frozen_dtype) if cfg.backbone == "latent" else None
     channels = vae.latent_channels if vae else cfg.data.channels
     size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
     if vae:
@@ -213,7 +239,7 @@ def train(
     if cfg.model.text_encoder:
         from .text import TextEncoder
 
-        text = TextEncoder(cfg.model.text_encoder, device, revision=cfg.model.text_encoder_revision)
+        text = TextEncoder(cfg.model.text_encoder, device, revision=cfg.model.text_encoder_revision, dtype=frozen_dtype)
         if text.dim != cfg.model.cross_attention_dim:
             raise ConfigError(f"model.cross_attention_dim={cfg.model.cross_attention_dim} must equal the text "
                               f"encoder's hidden size {text.dim}")
@@ -239,8 +265,11 @@ def train(
         log(f"resumed from {path} (step {start})")
     if main:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_atomic(run_dir / "env.json", json.dumps({**environment(), "num_processes": world, "device": str(device),
-                                                       "mixed_precision": accelerator.mixed_precision}, indent=2))
+        write_atomic(run_dir / "env.json", json.dumps({
+            **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
+            "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
+            "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32}, indent=2))
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
         write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
         n_unet = sum(p.numel() for p in ema_target(inner).parameters())
@@ -248,9 +277,14 @@ def train(
         log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {'+'.join(map(str, shares))} x "
             f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder {n_ctx:,}")
         start_tracking(accelerator, cfg.to_dict(), cfg.name, run_dir)
+        if launcher_precision is not None and launcher_precision.lower() != accelerator.mixed_precision:
+            log(f"training in {accelerator.mixed_precision} (train.mixed_precision), not the launcher's "
+                f"{launcher_precision!r}: the config decides")
 
     micro = tc.batch_size // tc.grad_accumulation
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    batches = micro_batches(MicroBatches(data, tc.seed, tc.batch_size, tc.grad_accumulation, offset, local_batch),
+                            start, end, cfg.data.num_workers, pin_memory=cuda)
     progress = None
     if main and start < end:
         from tqdm.auto import tqdm
@@ -263,7 +297,7 @@ def train(
         for m in range(tc.grad_accumulation):
             first = m * micro + offset
             positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
-            x0 = data.images(batch[first : first + local_batch]).to(device)
+            x0 = next(batches).to(device, non_blocking=cuda)
             x0 = vae.encode(x0) if vae else x0
             gens = image_generators(tc.seed, step, positions)
             timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])

@@ -70,6 +70,9 @@ SMOKE = [
     "model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.layers_per_block=1", "model.attention=[]", "model.mid_attention=false",
     "train.steps=3", "train.batch_size=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
     "context.hidden_dim=8", "context.latent_dim=4", "diffusion.sampling_steps=2", "data.num_examples=16",
+    # fp32 for every preset: smoke runs all presets in one process, and accelerate fixes the precision of a
+    # process at its first Accelerator (the paper presets' bf16 path has its own test, tests/test_precision.py)
+    "train.mixed_precision=no", "train.allow_tf32=false",
 ]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 
 from ..common import Preset
-from ..unconditional import PRESETS as UNCONDITIONAL, _with
+from ..unconditional import PAPER_PRECISION, PRESETS as UNCONDITIONAL, _with
 
 _base = {p.name: p for p in UNCONDITIONAL}
 # eta 1: ancestral steps in the unknown region, as RePaint's p_sample (core.inpaint.ExactRePaintScheduler).
@@ -33,7 +33,7 @@ _PAPER_PIXEL = {
     # RePaint's guided-diffusion sampler clips x0 (clip_denoised: true in its configs).
     "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": True},
     "train": {"batch_size": 64, "steps": 250_000, "lr": 1e-4, "warmup_steps": 1000, "ema_decay": 0.9999,
-              "checkpoint_every": 5000, "log_every": 100},
+              "checkpoint_every": 5000, "log_every": 100, **PAPER_PRECISION},
     "context": {"enabled": False},
 }
 

@@ -17,7 +17,7 @@ classifier agrees with the prompt), never FID.
 from __future__ import annotations
 
 from ..common import Preset
-from ..unconditional import MINI, _with
+from ..unconditional import MINI, PAPER_PRECISION, _with
 
 MINI_T2I = _with(
     MINI,
@@ -46,7 +46,7 @@ PAPER_T2I = {
     "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                   "beta_end": 0.012, "sampler": "ddim", "sampling_steps": 50, "guidance_scale": 2.0},
     "train": {"batch_size": 256, "steps": 500_000, "lr": 1e-4, "warmup_steps": 10_000, "ema_decay": 0.9999,
-              "cond_dropout": 0.1, "checkpoint_every": 5000, "log_every": 100},
+              "cond_dropout": 0.1, "checkpoint_every": 5000, "log_every": 100, **PAPER_PRECISION},
     "context": {"enabled": False},
 }
 COCO_PROMPTS = "data/coco2014val_30k.jsonl"  # {"caption": ...} per line, written by the COCO prepare step
