@@ -159,7 +159,7 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
             labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"}),
         "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
         "readings.png": lambda p: grouped(
-            summary, "readings", p, "Readings: one choice of ConPreDiff changed per bar",
+            summary, "readings", p, "Readings",
             order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-features+denoised"),
             labels={"conprediff": "conprediff (default choices)"}),
     }
