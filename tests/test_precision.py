@@ -43,6 +43,7 @@ def test_bf16_training_on_cpu_records_what_ran(tmp_path, monkeypatch):
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     run = tmp_path / "run"
+    AcceleratorState._reset_state(True)  # earlier tests in this process fixed accelerate's precision at fp32
     try:
         train(tiny("train.mixed_precision=bf16", "train.allow_tf32=true"), run)
     finally:  # accelerate keeps one precision per process: later tests train in fp32
