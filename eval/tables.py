@@ -202,7 +202,6 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
     and ``verdict``."""
     extra = ["vs", "delta", "ci_low", "ci_high", "test", "p", "p_welch", "p_holm", "verdict"]
     rows = []
-    same = [c for c in CELL if c != "method"]
     by_key = {tuple(r[k] for k in CELL): r for r in summary.to_dict("records")}
     for r in summary.to_dict("records"):
         refs = [BASELINE] if r["method"] != BASELINE else []
@@ -210,7 +209,7 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
         if not refs:
             rows.append({**r, **dict.fromkeys(extra, ""), "delta": math.nan, "p": math.nan, "p_holm": math.nan})
         for ref in refs:
-            base = by_key.get(tuple(r[k] for k in same[:-2]) + (r["benchmark"], ref, r["metric"]))
+            base = by_key.get(tuple({**r, "method": ref}[k] for k in CELL))  # the reference's cell, same protocol
             if base is None:
                 rows.append({**r, **dict.fromkeys(extra, ""), "vs": ref, "delta": math.nan, "p": math.nan,
                              "p_holm": math.nan, "verdict": f"no {ref} with this protocol"})
