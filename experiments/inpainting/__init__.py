@@ -4,6 +4,8 @@ Each preset inpaints the first N held-out images (the ``test/`` split that ``pyt
 writes and training never reads; the digits' fixed test split at mini scale) under the six masks (Wide, Narrow, Super-Resolve 2x,
 Alternating Lines, Half, Expand; ``core.inpaint``), one seeded mask and one seeded sampler per image.
 Paper scale: a pixel DDPM on CelebA-HQ 256, 100 test images, RePaint T=250, jump 10, 10 resamplings,
+RePaint's released masks from ``data/gt_keep_masks/{thick,thin,nn2,ev2li,genhalf,ex64}/`` when that folder is there,
+else LaMa's thick/thin generator for Wide/Narrow and the fixed four as at mini scale (``core.masks.paper_masks``),
 LPIPS (AlexNet, v0.1). Mini scale: the unconditional table's 16x16 digit models (shared runs), 100
 held-out digits, RePaint T=50, jump 5, 5 resamplings [choice, for CPU time]; both scales step ancestrally
 in the unknown region (eta 1) with RePaint's exact jump back (``core.inpaint``); metrics

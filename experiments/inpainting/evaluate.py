@@ -16,6 +16,7 @@ import torch
 from core.config import RunConfig
 from core.data import ImageData
 from core.inpaint import MASK_KINDS, MASK_VERSION, make_mask, repaint, repaint_sampler_name
+from core.masks import DEFAULT_MASKS_DIR, paper_masks
 from core.sample import load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
 from eval.records import append_record, load_records
 
@@ -62,11 +63,16 @@ def evaluate_inpainting(
     existing = load_records(records_path)
     out = []
     for kind in MASK_KINDS:
+        masks, kind_reference = None, reference
+        if scale == "paper":  # RePaint's released mask files when present, else LaMa's thick/thin generator
+            masks, mask_ref = paper_masks(kind, n, images.shape[-1], opts.get("masks_dir", DEFAULT_MASKS_DIR))
+            kind_reference = reference.replace(f"masks v{MASK_VERSION}", mask_ref)
         key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=n,
-                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler, reference=reference)
+                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler, reference=kind_reference)
         if all(recorded(existing, metric=m, **key) for m in wanted):
             continue
-        masks = torch.stack([make_mask(kind, images.shape[-1], seed=i) for i in range(n)])
+        if masks is None:
+            masks = torch.stack([make_mask(kind, images.shape[-1], seed=i) for i in range(n)])
 
         def render(chunk: list[int]) -> np.ndarray:
             return to_uint8(repaint(unet, sched_config, images[chunk], masks[chunk], chunk, steps, jump, resample,
