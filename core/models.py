@@ -9,6 +9,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2D
 
 from .config import DiffusionConfig, ModelConfig
 
+COMPILE_BACKEND = "inductor"  # torch.compile backend for model.compile (tests use "aot_eager": no C++ build)
+
 
 def attention_head_dim(cfg: ModelConfig) -> int | tuple[int, ...]:
     """What diffusers' ``attention_head_dim`` must be for ``cfg``'s heads, per UNet class.
@@ -27,7 +29,9 @@ def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channel
     """A ``UNet2DModel`` (or ``UNet2DConditionModel`` when ``cross_attention_dim`` is set).
 
     Heads: ``model.head_channels`` channels per head, or ``model.num_heads`` heads (conditional UNet only).
-    ``model.gradient_checkpointing`` recomputes activations in the backward pass (training only).
+    ``model.gradient_checkpointing`` recomputes activations in the backward pass (training only). ``model.compile``
+    compiles the UNet in place (``nn.Module.compile``, :data:`COMPILE_BACKEND`): its parameters, state dict, EMA and
+    ``save_pretrained`` export stay those of the plain module.
     """
     levels = len(cfg.block_out_channels)
     attention = cfg.attention or (False,) * levels
@@ -56,6 +60,8 @@ def build_unet(cfg: ModelConfig, sample_size: int, in_channels: int, out_channel
         unet = UNet2DModel(down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim(cfg), **common)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        unet.compile(backend=COMPILE_BACKEND)
     return unet
 
 
@@ -83,12 +89,14 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str, clip_sample
 
 def sampler_name(cfg: DiffusionConfig, backbone: str = "pixel") -> str:
     """How samples were drawn, as records and sample folders name it: ``ddim-50-noclip``, ``ddim-50-clip-cfg2``,
-    ``ddim-200-eta1-noclip`` (DDIM's eta is named only when it is not 0)."""
+    ``ddim-200-eta1-noclip`` (DDIM's eta is named only when it is not 0), ``ddim-50-noclip-bf16`` (a UNet sampling
+    in bf16, ``diffusion.sampling_dtype``: never one table cell with fp32 samples)."""
     if backbone == "discrete":
         return f"mask-replace-ancestral-{cfg.num_train_timesteps}"
     eta = f"-eta{cfg.eta:g}" if cfg.eta else ""
     name = f"{cfg.sampler}-{cfg.sampling_steps}{eta}-{'clip' if cfg.clip_sample else 'noclip'}"
-    return name + (f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else "")
+    name += f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else ""
+    return name + ("-bf16" if cfg.sampling_dtype == "bf16" else "")
 
 
 class Autoencoder:
@@ -130,9 +138,36 @@ class Autoencoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, C, R, R)`` in [-1, 1] -> float32 latents ``(B, latent_channels, R/f, R/f)``, computed in ``dtype``."""
+        """``(B, C, R, R)`` in [-1, 1] -> float32 latents ``(B, latent_channels, R/f, R/f)``, computed in ``dtype``:
+        the posterior mean (AutoencoderKL) or the pre-quantisation latents (VQModel), times ``scale``."""
+        return self.latents_from_moments(self.encode_moments(images))
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, R, R)`` in [-1, 1] -> the encoder's unscaled float32 output, what a latent cache stores:
+        ``(B, 2 * latent_channels, R/f, R/f)`` posterior mean and std concatenated (AutoencoderKL, as EDM2's
+        ``dataset_tool.py encode`` stores them), or ``(B, latent_channels, R/f, R/f)`` pre-quantisation latents
+        (VQModel)."""
         out = self.model.encode(images.to(self.dtype))
-        return (out.latents if self.is_vq else out.latent_dist.mean).float() * self.scale
+        if self.is_vq:
+            return out.latents.float()
+        return torch.cat([out.latent_dist.mean, out.latent_dist.std], dim=1).float()
+
+    def latents_from_moments(self, moments: torch.Tensor, gens: list[torch.Generator] | None = None) -> torch.Tensor:
+        """:meth:`encode_moments`'s output -> scaled float32 latents: the posterior mean, or with ``gens`` (one
+        generator per image, AutoencoderKL only) a posterior sample ``mean + std * eps`` (CompVis
+        ``DiagonalGaussianDistribution.sample``; EDM2 ``StabilityVAEEncoder.encode_latents``)."""
+        from .objective import randn_per_image
+
+        if self.is_vq:
+            if gens is not None:
+                raise ValueError("a VQModel has no posterior to sample "
+                                 "(model.latent_sampling='sample' needs an AutoencoderKL)")
+            return moments.float() * self.scale
+        mean, std = moments.float().chunk(2, dim=1)
+        if gens is not None:
+            mean = mean + std * randn_per_image(gens, mean.shape[1:], mean.device)
+        return mean * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

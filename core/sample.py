@@ -19,6 +19,7 @@ provenance existed) are never reused: they are deleted, with a warning, and draw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from .models import sampling_scheduler
 from .runlog import pipeline_files_hash, read_provenance, write_atomic
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
+SAMPLING_DTYPES = ("fp32", "bf16")  # diffusion.sampling_dtype
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -148,16 +150,23 @@ def denoise(
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     eta: float = 0.0,
+    dtype: str = "fp32",
 ) -> torch.Tensor:
     """Run the reverse process for one batch; returns ``(B, C, H, W)`` in [-1, 1].
 
     ``cond``/``uncond``: encoder hidden states for classifier-free guidance (conditional UNets).
     ``eta``: DDIM's noise scale (0 deterministic, 1 as LDM-4 FFHQ samples); DDIM schedulers only.
+    ``dtype``: ``fp32``, or ``bf16``: the UNet runs under ``torch.autocast`` in bfloat16 (its output is cast back to
+    float32; the scheduler's update stays in float32).
     """
     from diffusers import DDIMScheduler
 
     if eta and not isinstance(scheduler, DDIMScheduler):
         raise ValueError(f"eta={eta} needs the DDIM sampler, got {type(scheduler).__name__}")
+    if dtype not in SAMPLING_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}")
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
     step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     c, s = unet.config.in_channels, unet.config.sample_size
     gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -165,14 +174,15 @@ def denoise(
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        if cond is None:
-            eps = unet(x, t).sample
-        elif guidance_scale == 1.0:
-            eps = unet(x, t, encoder_hidden_states=cond).sample
-        else:
-            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            eps_u, eps_c = both.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        with autocast:
+            if cond is None:
+                eps = unet(x, t).sample.float()
+            elif guidance_scale == 1.0:
+                eps = unet(x, t, encoder_hidden_states=cond).sample.float()
+            else:
+                both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+                eps_u, eps_c = both.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
         x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample  # per-image noise (DDPM, DDIM eta > 0)
     return x
 
@@ -188,6 +198,7 @@ def sample_pipeline(
     guidance_scale: float = 1.0,
     clip_sample: bool | None = None,
     eta: float = 0.0,
+    dtype: str = "fp32",
 ) -> list[Path]:
     """Sample the missing ``<seed>.png`` files of ``seeds`` into ``out_dir``; returns all their paths.
 
@@ -203,6 +214,8 @@ def sample_pipeline(
     prediction to [-1, 1]; ``None`` uses the pipeline's exported scheduler config. Samples made with
     different settings should go to different ``out_dir``: ``<out_dir>.provenance.json`` records the
     pipeline (checkpoint, files hash) and settings, and PNGs of any other provenance are deleted and drawn again.
+    ``dtype="bf16"`` runs the UNet in bfloat16 (:func:`denoise`; the autoencoder decodes in float32) and is recorded
+    in the provenance (``"dtype": "bf16"``; fp32 provenance is unchanged from before the option existed).
     """
     from accelerate import PartialState
 
@@ -217,7 +230,7 @@ def sample_pipeline(
     scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler, clip_sample)
     provenance = {"pipeline": pipeline_provenance(pipeline_dir), "sampler": sampler, "steps": steps,
                   "clip_sample": bool(scheduler.config.get("clip_sample", False)), "guidance_scale": guidance_scale,
-                  "eta": eta}
+                  "eta": eta, **({"dtype": dtype} if dtype != "fp32" else {})}
     text = None
     if (Path(pipeline_dir) / "text_encoder.json").exists():
         from .text import TextEncoder
@@ -238,7 +251,7 @@ def sample_pipeline(
         if text is not None:
             cond = text.encode([prompt_of[s] for s in batch])
             uncond = text.encode([""] * len(batch))
-        x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale, eta)
+        x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale, eta, dtype)
         return to_uint8(vae.decode(x) if vae else x)
 
     return write_missing_pngs(out_dir, seeds, batch_size, render, state, provenance)
@@ -323,11 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic; LDM-4 FFHQ: 1)")
     parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="clamp each step's x0 prediction to [-1, 1] (default: as the pipeline's scheduler config)")
+    parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32",
+                        help="what the UNet computes in (bf16: autocast; name the --out folder with -bf16)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(len(seeds))] if args.prompt else None
     paths = sample_pipeline(args.pipeline, args.out, seeds, args.sampler, args.steps, args.batch_size, prompts,
-                            args.guidance_scale, args.clip_sample, args.eta)
+                            args.guidance_scale, args.clip_sample, args.eta, args.dtype)
     if args.grid:
         save_grid(paths[:64], args.grid)
 
