@@ -115,8 +115,14 @@ class ModelConfig:
     # Recompute the UNet's activations in the backward pass (diffusers enable_gradient_checkpointing): less memory,
     # ~30% more compute, the same loss and gradients.
     gradient_checkpointing: bool = False
+    # backbone=latent: what the frozen AutoencoderKL's posterior gives the UNet [choice]: mean (as before) | sample
+    # (mean + std * eps, eps drawn per image and step: CompVis's get_first_stage_encoding, EDM2's encode_latents).
+    latent_sampling: str = "mean"
+    # torch.compile the UNet for training (default mode, dynamic=False): same loss, faster steps after a compile.
+    compile: bool = False
 
     def validate(self, p: str = "model") -> None:
+        _choice(f"{p}.latent_sampling", self.latent_sampling, ("mean", "sample"))
         _check(f"{p}.block_out_channels", len(self.block_out_channels) > 0, "at least one level")
         _check(f"{p}.block_out_channels", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}")
@@ -151,7 +157,13 @@ class DiffusionConfig:
     # Clamp each step's x0 prediction to [-1, 1] (DDIM, DDPM and RePaint). Off by default [choice]: at mini
     # scale it costs the baseline 21 -> 6 fd_digits (results/tuning/ddim-clip); on for the pixel RePaint preset.
     clip_sample: bool = False
+    # What the UNet computes in while sampling: fp32 | bf16 (autocast; the sampler name and sample folder say -bf16).
+    sampling_dtype: str = "fp32"
     aux_weight: float = 5e-4  # backbone=discrete: weight of the auxiliary x0 cross-entropy (VQ-Diffusion)
+    # backbone=discrete: how the per-step loss is weighted. token_mean [choice]: L_t and the aux cross-entropy
+    # averaged over tokens, t uniform. vq_diffusion: VQ-Diffusion's _train_loss (L_t / p(t) with t importance-
+    # sampled once every t was seen > 10 times, aux weighted 2 - t/T), which is T times larger under uniform t.
+    discrete_loss: str = "token_mean"
 
     def validate(self, p: str = "diffusion") -> None:
         _check(f"{p}.num_train_timesteps", self.num_train_timesteps >= 2, "must be >= 2")
@@ -160,6 +172,8 @@ class DiffusionConfig:
         _choice(f"{p}.sampler", self.sampler, ("ddim", "ddpm"))
         _check(f"{p}.beta_start", 0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
         _check(f"{p}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
+        _choice(f"{p}.sampling_dtype", self.sampling_dtype, ("fp32", "bf16"))
+        _choice(f"{p}.discrete_loss", self.discrete_loss, ("token_mean", "vq_diffusion"))
         _check(f"{p}.eta", self.eta == 0 or self.sampler == "ddim", "only the ddim sampler takes eta")
         _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,
                f"must be in [1, num_train_timesteps={self.num_train_timesteps}]")
@@ -178,6 +192,9 @@ class DataConfig:
     # DataLoader worker processes decoding the next micro-batches (0: decoded in the training process, as before);
     # the images of a step stay a function of (seed, step). Pinned memory on CUDA.
     num_workers: int = 0
+    # backbone=latent: encode the dataset once with the frozen autoencoder into <run-dir>/../latent-cache/<key>/
+    # (core.latent_cache; key: autoencoder weights, encoder dtype, dataset fingerprint, resolution) and train from it.
+    latent_cache: bool = False
 
     def validate(self, p: str = "data") -> None:
         _check(f"{p}.resolution", self.resolution >= 4, "must be >= 4")
@@ -242,12 +259,22 @@ class RunConfig:
         _choice("backbone", self.backbone, ("pixel", "latent", "discrete"))
         _check("model.vae", (self.model.vae is not None) == (self.backbone == "latent"),
                "set it (a diffusers AutoencoderKL/VQModel folder) exactly when backbone is 'latent'")
+        _check("data.latent_cache", not self.data.latent_cache or self.backbone == "latent",
+               f"caches the frozen autoencoder's latents: only with backbone='latent' (got {self.backbone!r})")
+        _check("model.latent_sampling", self.model.latent_sampling == "mean" or self.backbone == "latent",
+               f"'sample' draws from the frozen autoencoder's posterior: only with backbone='latent' "
+               f"(got {self.backbone!r})")
         if self.backbone == "discrete":
             _check("data.channels", self.data.channels == 1, "the discrete (quantised pixel) backbone takes 1 channel")
             _check("model.token_levels", self.model.token_levels >= 2, "must be >= 2")
             _check("model.text_encoder", self.model.text_encoder is None, "not supported with backbone='discrete'")
             _check("context.decoder_input", self.context.decoder_input == "features",
                    "must be 'features' with backbone='discrete' (no x_{t-1} estimate in pixel space)")
+            _check("diffusion.sampling_dtype", self.diffusion.sampling_dtype == "fp32",
+                   "the discrete backbone samples in fp32 only (its posterior is computed in float64)")
+        else:
+            _check("diffusion.discrete_loss", self.diffusion.discrete_loss == "token_mean",
+                   f"applies to backbone='discrete' only (this run's backbone is {self.backbone!r}); leave it 'token_mean'")
         _check("data.caption_column", (self.data.caption_column is not None) == (self.model.text_encoder is not None),
                "set it (e.g. 'caption') exactly when model.text_encoder is set")
         for f in ("model", "diffusion", "context", "data", "train"):

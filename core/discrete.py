@@ -8,7 +8,13 @@ state after ``t + 1`` steps; ``x_{-1} = x_0``.
 
 Loss: L_vlb (KL between the true posterior q(x_{t-1}|x_t,x_0) and p_theta(x_{t-1}|x_t) =
 sum_x0 q(x_{t-1}|x_t,x0) p_theta(x0|x_t), or -log p_theta(x_0|x_1) at t = 0) plus an auxiliary
-x0 cross-entropy, both per token. ConPreDiff's context term adds W2 between the decoder's
+x0 cross-entropy, both per token. Two weightings (``diffusion.discrete_loss``): ``token_mean`` averages
+both over tokens with t uniform; ``vq_diffusion`` is VQ-Diffusion's ``_train_loss``
+(microsoft/VQ-Diffusion, ``image_synthesis/modeling/transformers/diffusion_transformer.py``): each
+image's L_t divided by p(t), t importance-sampled with p(t) ∝ sqrt(E[L_t^2]) + 1e-4 (an EMA with
+decay 0.9 of L_t^2 per t, p(0) := p(1)) once every t has been drawn more than 10 times and uniform
+before, and the aux term weighted (2 - t/T) / p(t). Under uniform t that is T times ``token_mean``.
+ConPreDiff's context term adds W2 between the decoder's
 predicted neighbor sets and the codebook embeddings of the true tokens at neighbor positions.
 Tokens come from quantised pixels (mini scale, :class:`PixelQuantizer`) or a VQ model.
 """
@@ -103,8 +109,11 @@ class MaskReplaceDiffusion:
         x0_padded = torch.cat([x0_probs, torch.zeros_like(x0_probs[:, :1])], 1)
         return torch.where(at_zero, x0_padded, post)
 
-    def loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L_vlb + aux_weight * CE(x0) per token. ``logits (B, K, H, W)`` predict x_0."""
+    def loss_terms(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Per image, averaged over its tokens: L_t (the KL, or -log p(x_0|x_1) at t = 0) and the x0 cross-entropy.
+
+        ``logits (B, K, H, W)`` predict x_0; returns two float64 tensors ``(B,)``.
+        """
         log_p0 = F.log_softmax(logits.double(), 1)
         p0 = log_p0.exp()
         x0_onehot = F.one_hot(x0, self.k).movedim(-1, 1).double()
@@ -112,9 +121,25 @@ class MaskReplaceDiffusion:
         p = self.posterior(x_t, p0, t)
         kl = (q * (q.clamp(min=EPS).log() - p.clamp(min=EPS).log())).sum(1)  # (B, H, W)
         nll = -(x0_onehot * log_p0).sum(1)
-        vlb = torch.where((t == 0).view(-1, 1, 1), nll, kl).mean()
-        aux = nll.mean()
-        return {"vlb_loss": vlb.float(), "aux_loss": aux.float(), "point_loss": (vlb + self.aux_weight * aux).float()}
+        return torch.where((t == 0).view(-1, 1, 1), nll, kl).flatten(1).mean(1), nll.flatten(1).mean(1)
+
+    def loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+             pt: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """L_vlb + aux_weight * CE(x0) per token; with ``pt (B,)``, the probability each image's t was drawn with,
+        VQ-Diffusion's weighting: mean over images of (L_t + (2 - t/T) aux_weight CE) / p(t).
+
+        ``vlb_loss`` and ``aux_loss`` are logged unweighted (token means) under both weightings.
+        """
+        return self.weighted(*self.loss_terms(logits, x0, x_t, t), t, pt)
+
+    def weighted(self, vlb: torch.Tensor, aux: torch.Tensor, t: torch.Tensor, pt: torch.Tensor | None = None):
+        """:meth:`loss` from the per-image terms of :meth:`loss_terms`."""
+        if pt is None:
+            point = vlb.mean() + self.aux_weight * aux.mean()
+        else:
+            adaptive = 2 - t.to(vlb.device).double() / self.t_max
+            point = ((vlb + adaptive * self.aux_weight * aux) / pt.to(vlb.device).double()).mean()
+        return {"vlb_loss": vlb.mean().float(), "aux_loss": aux.mean().float(), "point_loss": point.float()}
 
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, shape: tuple[int, int, int], generators: Sequence[torch.Generator], device="cpu"):
@@ -147,19 +172,61 @@ class DiscreteTrainingModule(nn.Module):
 
     def __init__(
         self, denoiser: TokenDenoiser, diffusion: MaskReplaceDiffusion, codebook: torch.Tensor,
-        context: ContextPrediction | None = None,
+        context: ContextPrediction | None = None, loss_weighting: str = "token_mean",
     ):
         super().__init__()
+        if loss_weighting not in ("token_mean", "vq_diffusion"):
+            raise ValueError(f"loss_weighting must be 'token_mean' or 'vq_diffusion', got {loss_weighting!r}")
         self.denoiser, self.diffusion, self.context = denoiser, diffusion, context
+        self.loss_weighting = loss_weighting
         self.register_buffer("codebook", codebook.float())  # (K, D), fixed
+        if loss_weighting == "vq_diffusion":  # VQ-Diffusion's Lt_history / Lt_count, saved with checkpoints
+            self.register_buffer("lt_history", torch.zeros(diffusion.t_max, dtype=torch.float64))
+            self.register_buffer("lt_count", torch.zeros(diffusion.t_max, dtype=torch.float64))
         self.tap = FeatureTap(last_block(denoiser.unet)) if context is not None else None
+
+    def timestep_probs(self) -> torch.Tensor | None:
+        """VQ-Diffusion's importance distribution over t ``(T,)`` float64, or None while t is drawn uniformly
+        (``token_mean``, or until every t has been drawn more than 10 times)."""
+        if self.loss_weighting != "vq_diffusion" or not bool((self.lt_count > 10).all()):
+            return None
+        root = torch.sqrt(self.lt_history + 1e-10) + 1e-4
+        root[0] = root[1]  # the decoder term (t = 0) takes L_1's weight, as VQ-Diffusion does
+        return root / root.sum()
+
+    def sample_timesteps(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """One t per image ``(B,)`` (CPU, long), image b from ``generators[b]``: uniform, or importance-sampled."""
+        probs = self.timestep_probs()
+        if probs is None:
+            return torch.cat([torch.randint(0, self.diffusion.t_max, (1,), generator=g) for g in generators])
+        probs = probs.float().cpu()
+        return torch.cat([torch.multinomial(probs, 1, generator=g) for g in generators])
+
+    @torch.no_grad()
+    def _update_history(self, vlb: torch.Tensor, t: torch.Tensor) -> None:
+        """Lt_history[t] <- 0.1 L_t^2 + 0.9 Lt_history[t] from the batch's values (the last image wins among
+        equal t, as scatter_ on the CPU), Lt_count[t] += 1 per image."""
+        t = t.to(self.lt_history.device)
+        new = 0.1 * vlb.detach().double().to(t.device) ** 2 + 0.9 * self.lt_history[t]
+        for b in range(len(t)):
+            self.lt_history[t[b]] = new[b]
+        self.lt_count.index_add_(0, t, torch.ones_like(new))
 
     def forward(
         self, x0: torch.Tensor, timesteps: torch.Tensor, generators: Sequence[torch.Generator] | None = None
     ) -> dict[str, torch.Tensor]:
         x_t = self.diffusion.q_sample(x0, timesteps.cpu(), generators)
         logits = self.denoiser(x_t, timesteps)
-        losses = self.diffusion.loss(logits, x0, x_t, timesteps)
+        if self.loss_weighting == "vq_diffusion":
+            probs = self.timestep_probs()  # the distribution t was drawn from (before this batch updates it)
+            pt = (torch.full(timesteps.shape, 1 / self.diffusion.t_max, dtype=torch.float64) if probs is None
+                  else probs.cpu()[timesteps.cpu()])
+            vlb, aux = self.diffusion.loss_terms(logits, x0, x_t, timesteps)
+            losses = self.diffusion.weighted(vlb, aux, timesteps, pt)
+            if self.training:
+                self._update_history(vlb, timesteps)
+        else:
+            losses = self.diffusion.loss(logits, x0, x_t, timesteps)
         loss = losses["point_loss"]
         if self.context is not None:
             target_map = self.codebook[x0].permute(0, 3, 1, 2)  # (B, D, H, W)

@@ -37,6 +37,7 @@ from diffusers.training_utils import EMAModel
 
 from .config import ConfigError, RunConfig, apply_overrides, config_diff, load_yaml
 from .data import ImageData, MicroBatches, global_batch_indices, micro_batches
+from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
 from .runlog import RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
@@ -152,7 +153,8 @@ def build_discrete_module(cfg: RunConfig, sample_size: int):
     unet = build_unet(cfg.model, sample_size, cfg.model.token_embed_dim, out_channels=levels)
     diffusion = MaskReplaceDiffusion(levels, cfg.diffusion.num_train_timesteps, aux_weight=cfg.diffusion.aux_weight)
     context = ContextPrediction(cfg.context, cfg.model.block_out_channels[0], 1) if cfg.context.enabled else None
-    return DiscreteTrainingModule(TokenDenoiser(unet, levels), diffusion, PixelQuantizer(levels).codebook, context)
+    return DiscreteTrainingModule(TokenDenoiser(unet, levels), diffusion, PixelQuantizer(levels).codebook, context,
+                                  loss_weighting=cfg.diffusion.discrete_loss)
 
 
 def export_pipeline(
@@ -235,6 +237,14 @@ def train(
     size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
     if vae:
         check_latent_size(cfg, vae.downsample)
+        if vae.is_vq and cfg.model.latent_sampling == "sample":
+            raise ConfigError(f"model.latent_sampling='sample': model.vae={cfg.model.vae!r} is a VQModel, which has no "
+                              "posterior to sample; use 'mean'")
+    source = data  # what the micro-batches read: images, or the cached encoder output of every image
+    if cfg.data.latent_cache:
+        from .latent_cache import open_latent_cache
+
+        source = open_latent_cache(data, vae, run_dir.parent / "latent-cache", main, accelerator.wait_for_everyone, log)
     text = None
     if cfg.model.text_encoder:
         from .text import TextEncoder
@@ -283,7 +293,7 @@ def train(
 
     micro = tc.batch_size // tc.grad_accumulation
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    batches = micro_batches(MicroBatches(data, tc.seed, tc.batch_size, tc.grad_accumulation, offset, local_batch),
+    batches = micro_batches(MicroBatches(source, tc.seed, tc.batch_size, tc.grad_accumulation, offset, local_batch),
                             start, end, cfg.data.num_workers, pin_memory=cuda)
     progress = None
     if main and start < end:
@@ -298,9 +308,16 @@ def train(
             first = m * micro + offset
             positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
             x0 = next(batches).to(device, non_blocking=cuda)
-            x0 = vae.encode(x0) if vae else x0
+            if vae:  # latents from the cached or just computed encoder output: the same calls either way
+                moments = x0 if cfg.data.latent_cache else vae.encode_moments(x0)
+                x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
+                                              if cfg.model.latent_sampling == "sample" else None)
             gens = image_generators(tc.seed, step, positions)
-            timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
+            if discrete:  # uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
+                timesteps = inner.sample_timesteps(gens)
+            else:
+                timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g)
+                                       for g in gens])
             if discrete:
                 inputs = (quantize(x0, cfg.model.token_levels), timesteps.to(device), gens)
             else:

@@ -39,9 +39,11 @@ TABLES = {
     "backbones": "Backbones with and without context prediction (paper Figure 5, as a table)",
     "readings": "Readings and confounds: our choices where the paper is silent (not in the paper)",
 }
-# Rows a table shows from another experiment's records (the same runs, never re-measured): the readings compare
-# each changed choice with the unconditional table's baseline and ConPreDiff.
-BORROWED = {"readings": ("unconditional", ("baseline", "conprediff"))}
+# Rows a table shows from another experiment's records (the same runs, never re-measured): (source experiment,
+# methods, benchmarks or None for all). The readings compare each changed choice with the unconditional table's
+# baseline and ConPreDiff, and the backbone readings with the backbones table's latent and discrete rows.
+BORROWED = {"readings": [("unconditional", ("baseline", "conprediff"), None),
+                         ("backbones", ("baseline", "conprediff"), ("latent", "discrete"))]}
 HIGHER_IS_BETTER = ("acc", "prompt_acc", "precision", "recall", "psnr", "confident")
 BASELINE = "baseline"
 # The paper's row our baseline presets reproduce at paper scale (its number and ours share a line when the
@@ -79,21 +81,25 @@ EXTRA_COMPARISONS = {
     "decoding_ablation": [("conprediff", "explicit"), ("sinkhorn", "conprediff")],
     "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
     "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
-                                             "reads-features+denoised")],
+                                             "reads-features+denoised", "lambda-matched")]
+    + [("conprediff-vq-loss", "baseline-vq-loss")],
 }
 
 
 def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, in the blocks (scale and protocol) where
-    the table has records of its own and no cell of that method."""
+    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, in the blocks (scale and protocol) and
+    benchmarks where the table has records of its own and no cell of that method."""
     extra = []
-    for table, (source, methods) in BORROWED.items():
+    for table, sources in BORROWED.items():
         own = summary[summary["experiment"] == table]
-        blocks = set(map(tuple, own[BLOCK[1:]].values.tolist()))
+        blocks = set(map(tuple, own[BLOCK[1:] + ["benchmark"]].values.tolist()))
         have = set(map(tuple, own[CELL].values.tolist()))
-        rows = summary[(summary["experiment"] == source) & summary["method"].isin(methods)].assign(experiment=table)
-        keep = [tuple(r[1:len(BLOCK)]) in blocks and tuple(r) not in have for r in rows[CELL].values.tolist()]
-        extra.append(rows[keep])
+        for source, methods, benchmarks in sources:
+            rows = summary[(summary["experiment"] == source) & summary["method"].isin(methods)
+                           & (summary["benchmark"].isin(benchmarks) if benchmarks else True)].assign(experiment=table)
+            keep = [(*r[1:len(BLOCK)], r[len(BLOCK)]) in blocks and tuple(r) not in have
+                    for r in rows[CELL].values.tolist()]
+            extra.append(rows[keep])
     return pd.concat([summary, *extra], ignore_index=True) if extra else summary
 
 
@@ -253,10 +259,11 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str =
              VERDICT_RULE, ""]
     ours = summary[summary["experiment"] == name]
     p = paper[paper["table"] == name]
-    if name in BORROWED:
-        source, methods = BORROWED[name]
-        lines += [f"Rows {', '.join(methods)} are the `{source}` table's records (the same runs), shown here to compare "
-                  "against.", ""]
+    for source, methods, benchmarks in BORROWED.get(name, []):
+        if benchmarks and not set(ours["benchmark"]) & set(benchmarks):
+            continue  # nothing of this table runs on those benchmarks yet: nothing borrowed
+        lines += [f"Rows {', '.join(methods)}{' of ' + ', '.join(benchmarks) if benchmarks else ''} are the `{source}` "
+                  "table's records (the same runs), shown here to compare against.", ""]
     # Paper scale: the paper's numbers, each with its protocol; ours on the same line only where the protocol is
     # the same (paper_numbers.csv's our_metric, or the same metric name), else on lines of their own.
     lines += ["## Paper scale", "",

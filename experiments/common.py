@@ -179,14 +179,14 @@ def evaluate_unconditional(
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
                             cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
                             guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample,
-                            eta=cfg.diffusion.eta)
+                            eta=cfg.diffusion.eta, dtype=cfg.diffusion.sampling_dtype)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
         return []
     save_grid(paths[:64], run_dir / "grid.png")
     if scale == "paper":
-        return [record_fid(experiment, preset, key, run_dir / "samples" / sampler, records_path)]
+        return record_fid(experiment, preset, key, run_dir / "samples" / sampler, records_path, cfg.data.source)
     if cfg.data.source != "digits" or cfg.data.channels != 1:
         return []  # smoke runs on stand-in data: nothing meaningful to measure
     from eval.metrics import digits_proxy_metrics
@@ -225,22 +225,14 @@ def median_step_time(run_dir: Path) -> float:
     return float(np.median(half)) if half else float("nan")
 
 
-def record_fid(experiment: str, preset: Preset, key: dict, samples: Path, records_path: Path) -> dict:
-    """FID (clean-fid, Inception weights from eval.metrics.weights_dir()) against the benchmark's reference stats."""
-    from eval.fid_ref import reference_path
-    from eval.metrics import fid_folders
+def record_fid(experiment: str, preset: Preset, key: dict, samples: Path, records_path: Path,
+               data_source: str | None = None) -> list[dict]:
+    """The paper-scale protocol (:func:`eval.protocols.record_unconditional`): FID-N through clean-fid and through
+    torch-fidelity, and precision/recall k=3; ``data_source`` (default the preset's) gives the reference images."""
+    from eval.protocols import record_unconditional
 
-    ref = reference_path(preset.benchmark)
-    if not ref.exists():
-        raise FileNotFoundError(f"FID reference statistics {ref} are missing: build them with "
-                                f"`python -m eval.fid_ref --data data/{preset.benchmark} --name {preset.benchmark}`")
-    value = fid_folders(samples, ref, "cuda" if torch.cuda.is_available() else "cpu")
-    n = key["n_samples"]
-    rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=f"fid{n // 1000}k_cleanfid" if n >= 1000 else "fid",
-               value=value, ema=True, reference=f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
-               backend=f"clean-fid {version('clean-fid')} mode=clean, inception-2015-12-05.pt")
-    append_record(rec, records_path)
-    return rec
+    source = data_source or preset.config.get("data", {}).get("source", "")
+    return record_unconditional(key, preset.benchmark, preset.method, samples, records_path, source)
 
 
 def keep_artifacts(experiment: str, run_dir: Path, results: Path = ROOT / "results") -> None:

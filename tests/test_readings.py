@@ -65,3 +65,43 @@ def test_per_module_clipping_leaves_the_decoder_alone_and_clips_the_backbone_as_
         RunConfig.from_dict({"train": {"grad_clip": "sometimes"}})
     with pytest.raises(Exception, match="decoder_input"):
         RunConfig.from_dict({"backbone": "discrete", "context": {"decoder_input": "denoised"}})
+
+
+TINY_PROBE = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.layers_per_block=1",
+              "model.attention=[]", "model.mid_attention=false", "train.batch_size=4", "data.num_examples=16",
+              "context.hidden_dim=8", "context.latent_dim=4"]
+
+
+@pytest.mark.parametrize("preset", ["mini-digits16-conprediff", "mini-digits16-discrete-conprediff"])
+def test_grad_ratio_splits_the_total_gradient_and_scales_with_lambda(preset):
+    """grad_point and grad_context are the two parts of the training gradient on the backbone: their norms and
+    cosine rebuild the norm of the total loss's gradient; λ scales the context part alone."""
+    from experiments.readings.grad_ratio import batch_inputs, build, find_preset, gradient_balance, measure
+    from core.config import apply_overrides
+    from core.data import ImageData
+    from core.train import ema_target
+
+    one = measure(preset, 0, 1, overrides=TINY_PROBE)["median"]
+    three = measure(preset, 0, 1, overrides=TINY_PROBE + ["context.weight=3"])["median"]
+    assert three["grad_point"] == pytest.approx(one["grad_point"], rel=1e-6)
+    assert three["ratio"] == pytest.approx(3 * one["ratio"], rel=1e-5)
+    cfg = RunConfig.from_dict(apply_overrides(find_preset(preset).run_config(0).to_dict(), TINY_PROBE))
+    module, vae = build(cfg)
+    inputs = batch_inputs(cfg, module, vae, ImageData(cfg.data), 0)
+    parts = gradient_balance(module, inputs)
+    assert parts["grad_point"] == pytest.approx(one["grad_point"], rel=1e-6)  # build() starts from the run's init
+    module, vae = build(cfg)
+    module(*batch_inputs(cfg, module, vae, ImageData(cfg.data), 0))["loss"].backward()
+    total = torch.cat([p.grad.flatten() for p in ema_target(module).parameters() if p.grad is not None]).norm()
+    a, b, c = parts["grad_point"], parts["grad_context"], parts["cosine"]
+    assert float(total) == pytest.approx((a * a + b * b + 2 * a * b * c) ** 0.5, rel=1e-4)
+
+
+def test_grad_ratio_refuses_a_preset_without_context():
+    from core.config import ConfigError
+    from experiments.readings.grad_ratio import measure
+
+    with pytest.raises(ConfigError, match="no context term"):
+        measure("mini-digits16-baseline", 0, 1, overrides=TINY_PROBE)
+    with pytest.raises(ConfigError, match="close: mini-digits16-conprediff"):
+        measure("mini-digits16-conprediff-typo", 0, 1)

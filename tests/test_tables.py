@@ -105,6 +105,17 @@ def test_readings_borrow_the_unconditional_rows_only_where_they_have_records_of_
     assert sorted(rows["method"].unique()) == ["baseline", "conprediff", "target-x0"]
     vs = rows[rows["method"] == "target-x0"].set_index("vs")
     assert vs.loc["baseline", "delta"] == pytest.approx(-0.9) and vs.loc["conprediff", "delta"] == pytest.approx(-2.9)
+    # the backbones table lends its latent and discrete rows, only to benchmarks the readings run on
+    recs += [dict(base, experiment="backbones", benchmark=b, method=m, seed=s, value=v + s)
+             for b in ("pixel", "latent") for m, v in (("baseline", 4.0), ("conprediff", 20.0)) for s in range(3)]
+    rows = with_borrowed(summarize(recs)).query("experiment == 'readings'")
+    assert set(rows["benchmark"]) == {base["benchmark"]}
+    recs += [dict(base, experiment="readings", benchmark="latent", method="lambda-matched", seed=s, value=6.0 + s)
+             for s in range(3)]
+    rows = with_deltas(with_borrowed(summarize(recs))).query("experiment == 'readings' and benchmark == 'latent'")
+    vs = rows[rows["method"] == "lambda-matched"].set_index("vs")
+    assert vs.loc["baseline", "delta"] == pytest.approx(2.0) and vs.loc["conprediff", "delta"] == pytest.approx(-14.0)
+    assert "pixel" not in set(with_borrowed(summarize(recs)).query("experiment == 'readings'")["benchmark"])
 
 
 def test_cells_never_mix_protocols_and_refuse_duplicates():

@@ -14,11 +14,25 @@ unconditional table's baseline and with its ConPreDiff row (same seeds, same pro
 * ``reads-denoised``: the decoder reads the model's own x_{t-1} estimate at each point, the "denoised point"
   of the paper's Figure 1 (``context.decoder_input=denoised``); ``reads-features+denoised`` reads both.
 
+Two readings concern the other backbones of the backbones table (paper Figure 5), whose ConPreDiff rows are
+far worse than their baselines, and compare with that table's rows:
+
+* ``baseline-vq-loss`` / ``conprediff-vq-loss`` (discrete): the point loss weighted as VQ-Diffusion weights it
+  (``diffusion.discrete_loss=vq_diffusion``: L_t / p(t) with importance-sampled t, adaptive aux weight), T = 100
+  times our per-token mean under uniform t. Our weighting makes the context gradient 42x the point gradient on
+  the backbone at initialisation (``results/readings/grad_ratio.jsonl``); both arms are re-run since the
+  baseline's loss changes too.
+* ``lambda-matched`` (latent): λ chosen so that the context term pulls on the latent UNet as hard, relative to its
+  point loss, as it pulls on the pixel UNet (the ratio of gradient norms at initialisation, median of 16 batches,
+  ``python -m experiments.readings.grad_ratio``).
+
     python -m experiments.readings --scale mini --seeds 0,1,2 --jobs 2
 """
 
 from __future__ import annotations
 
+from ..backbones import MINI_DISCRETE, MINI_LATENT
+from ..backbones.autoencoder import train_autoencoder
 from ..common import Preset
 from ..unconditional import MINI, _with
 
@@ -35,4 +49,11 @@ PRESETS = [
     _reading("target-x0", context={"target": "x0"}),
     _reading("reads-denoised", context={"decoder_input": "denoised"}),
     _reading("reads-features+denoised", context={"decoder_input": "features+denoised"}),
+]
+
+VQ_LOSS = _with(MINI_DISCRETE, diffusion={"discrete_loss": "vq_diffusion"})
+PRESETS += [
+    Preset("mini-digits16-discrete-baseline-vq-loss", "mini", "baseline-vq-loss", "discrete", VQ_LOSS),
+    Preset("mini-digits16-discrete-conprediff-vq-loss", "mini", "conprediff-vq-loss", "discrete",
+           _with(VQ_LOSS, context={"enabled": True})),
 ]
