@@ -62,14 +62,21 @@ def fd_context(fake: torch.Tensor, real: torch.Tensor, strides: Sequence[int] = 
                           for s in strides]))
 
 
+def fd_context_vs_digits(paths: Sequence[Path], resolution: int, strides: Sequence[int] = STRIDES) -> float:
+    """:func:`fd_context` of the PNGs at ``paths`` against the digits training split at ``resolution`` (the
+    reference the runs' other digits metrics use)."""
+    from core.config import DataConfig
+    from core.data import ImageData
+    from experiments.common import load_samples
+
+    real = ImageData(DataConfig(source="digits", resolution=resolution))
+    return fd_context(load_samples(list(paths)), real.images(range(len(real))), strides)
+
+
 def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = STRIDES) -> dict:
     """Measure ``samples`` (``<run>/samples/<sampler>``) and append the record beside the run's ``fd_digits`` record
     (same experiment(s), preset, seed, checkpoint, sampler, sample count). Returns the first record written."""
     from importlib.metadata import version
-
-    from core.config import DataConfig
-    from core.data import ImageData
-    from experiments.common import load_samples
 
     from .records import append_record, load_records
 
@@ -88,8 +95,7 @@ def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = ST
         if any(r["metric"] == name and r["experiment"] == anchor["experiment"] for r in same):
             continue
         resolution = int(anchor["benchmark"].removeprefix("digits").split("-")[0])
-        real = ImageData(DataConfig(source="digits", resolution=resolution))
-        value = fd_context(load_samples(paths), real.images(range(len(real))), strides)
+        value = fd_context_vs_digits(paths, resolution, strides)
         rec = {k: v for k, v in anchor.items() if k not in ("git_commit", "time", "device", "value", "metric", "backend")}
         rec.update(metric=name, value=value, device=anchor.get("device", ""),
                    backend=f"eval.context_stats (dilated rings, sorted sets) + clean-fid {version('clean-fid')} "
@@ -102,10 +108,6 @@ def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = ST
 
 
 def main(argv: list[str] | None = None) -> None:
-    from core.config import DataConfig
-    from core.data import ImageData
-    from experiments.common import load_samples
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=Path, required=True, help="a folder of generated PNGs (digits)")
     parser.add_argument("--strides", default="1,2,3")
@@ -121,9 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     paths = sorted(args.samples.glob("*.png"))
     if not paths:
         raise SystemExit(f"no PNGs in {args.samples}")
-    real = ImageData(DataConfig(source="digits", resolution=args.resolution))
-    value = fd_context(load_samples(paths), real.images(range(len(real))), strides)
-    print(f"{metric_name(strides)} = {value:.6g} ({len(paths)} samples vs {len(real)} real digits)")
+    value = fd_context_vs_digits(paths, args.resolution, strides)
+    print(f"{metric_name(strides)} = {value:.6g} ({len(paths)} samples vs the digits training split)")
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
     ``p``, ``p_welch``, ``p_holm`` (Holm across the metrics of one method-vs-reference comparison in one block)
     and ``verdict``."""
     extra = ["vs", "delta", "ci_low", "ci_high", "test", "p", "p_welch", "p_holm", "verdict"]
-    rows = []
+    rows, comparisons = [], {}  # comparisons: row position -> its Comparison, for the verdict after Holm
     by_key = {tuple(r[k] for k in CELL): r for r in summary.to_dict("records")}
     for r in summary.to_dict("records"):
         refs = [BASELINE] if r["method"] != BASELINE else []
@@ -221,6 +221,7 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
                              "p_holm": math.nan, "verdict": f"no {ref} with this protocol"})
                 continue
             c = compare(r["values"], base["values"])
+            comparisons[len(rows)] = c
             rows.append({**r, "vs": ref, "delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high, "test": c.test,
                          "p": c.p, "p_welch": c.p_welch, "p_holm": math.nan, "verdict": ""})
     out = pd.DataFrame(rows, columns=list(summary.columns) + extra)
@@ -231,9 +232,8 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
         adjusted = holm([float(p) for p in family["p"]])
         for i, p_adj in zip(family.index, adjusted):
             out.at[i, "p_holm"] = p_adj
-    for i, r in out[(out["vs"] != "") & (out["verdict"] == "")].iterrows():
-        c = Comparison(r["delta"], r["ci_low"], r["ci_high"], r["p"], r["test"], r["p_welch"])
-        out.at[i, "verdict"] = verdict(c, r["metric"], r["p_holm"])
+    for i, c in comparisons.items():
+        out.at[i, "verdict"] = verdict(c, out.at[i, "metric"], out.at[i, "p_holm"])
     return out.drop(columns="_cost")
 
 

@@ -113,3 +113,37 @@ def test_fd_context_is_zero_for_identical_sets_permutation_invariant_and_separat
     # By hand, one interior point of stride 1: its value, then its 8 neighbors in ascending order.
     x = torch.arange(9.0).view(1, 1, 3, 3)
     assert neighborhood_vectors(x, 1).tolist() == [[4.0, 0, 1, 2, 3, 5, 6, 7, 8]]
+
+
+def test_fd_context_record_beside_matches_the_direct_value_and_refuses_twice(tmp_path):
+    import json
+
+    import torch
+
+    from core.config import DataConfig
+    from core.data import ImageData
+    from eval.context_stats import fd_context, metric_name, record_beside
+    from experiments.common import load_samples
+
+    test = ImageData(DataConfig(source="digits", resolution=16, split="test"))
+    images = test.images(range(8))
+    samples = tmp_path / "runs" / "mini-x-s0" / "samples" / "ddim-50-noclip"
+    samples.mkdir(parents=True)
+    from core.sample import save_png
+
+    for i, img in enumerate(images):
+        save_png(((img[0].numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8"), samples / f"{i:06d}.png")
+    anchor = {"experiment": "unconditional", "preset": "mini-x", "seed": 0, "checkpoint": 10, "n_samples": 8,
+              "scale": "mini", "sampler": "ddim-50-noclip", "benchmark": "digits16", "method": "baseline",
+              "metric": "fd_digits", "value": 1.0, "ema": True, "reference": "r", "backend": "b",
+              "git_commit": "x", "time": "t", "device": "cpu"}
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(anchor) + "\n")
+    rec = record_beside(samples, records)
+    real = ImageData(DataConfig(source="digits", resolution=16))
+    direct = fd_context(load_samples(sorted(samples.glob("*.png"))), real.images(range(len(real))))
+    assert rec["metric"] == metric_name() and rec["value"] == pytest.approx(direct, rel=1e-9)
+    assert {k: rec[k] for k in ("preset", "seed", "checkpoint", "sampler", "n_samples")} == \
+        {k: anchor[k] for k in ("preset", "seed", "checkpoint", "sampler", "n_samples")}
+    with pytest.raises(SystemExit, match="already recorded"):
+        record_beside(samples, records)
