@@ -160,9 +160,10 @@ class DiffusionConfig:
     # What the UNet computes in while sampling: fp32 | bf16 (autocast; the sampler name and sample folder say -bf16).
     sampling_dtype: str = "fp32"
     aux_weight: float = 5e-4  # backbone=discrete: weight of the auxiliary x0 cross-entropy (VQ-Diffusion)
-    # backbone=discrete: how the per-step loss is weighted. token_mean [choice]: L_t and the aux cross-entropy
-    # averaged over tokens, t uniform. vq_diffusion: VQ-Diffusion's _train_loss (L_t / p(t) with t importance-
-    # sampled once every t was seen > 10 times, aux weighted 2 - t/T), which is T times larger under uniform t.
+    # backbone=discrete: how the per-step loss is weighted. vq_diffusion (every discrete preset): VQ-Diffusion's
+    # _train_loss (L_t / p(t) with t importance-sampled once every t was seen > 10 times, aux weighted 2 - t/T),
+    # T times token_mean under uniform t. token_mean: L_t and the aux cross-entropy averaged over tokens, t uniform
+    # (our first choice; the schema default so that saved configs keep meaning what they ran).
     discrete_loss: str = "token_mean"
 
     def validate(self, p: str = "diffusion") -> None:

@@ -39,11 +39,33 @@ TABLES = {
     "backbones": "Backbones with and without context prediction (paper Figure 5, as a table)",
     "readings": "Readings and confounds: our choices where the paper is silent (not in the paper)",
 }
-# Rows a table shows from another experiment's records (the same runs, never re-measured): (source experiment,
-# methods, benchmarks or None for all). The readings compare each changed choice with the unconditional table's
-# baseline and ConPreDiff, and the backbone readings with the backbones table's latent and discrete rows.
-BORROWED = {"readings": [("unconditional", ("baseline", "conprediff"), None),
-                         ("backbones", ("baseline", "conprediff"), ("latent", "discrete"))]}
+
+
+@dataclass(frozen=True)
+class Borrow:
+    """Rows a table shows from another experiment's records (the same runs, never re-measured).
+
+    ``methods`` maps the source's method names to the names shown; ``benchmarks`` limits the benchmarks (None: all).
+    By default rows are borrowed only into blocks (scale and protocol) and benchmarks where the table has records
+    of its own; ``new_blocks`` borrows them wherever the source has them (rows that stand in for the table's own).
+    """
+
+    source: str
+    methods: dict
+    benchmarks: tuple | None = None
+    new_blocks: bool = False
+
+
+# The readings compare each changed choice with the unconditional table's baseline and ConPreDiff, and the backbone
+# readings with the backbones table's latent rows. The backbones table's discrete rows are the readings' vq-loss
+# runs: that reading changed the discrete presets' loss weighting to VQ-Diffusion's (the earlier per-token-mean
+# records are superseded), so the same runs serve both tables.
+BORROWED = {
+    "readings": [Borrow("unconditional", {"baseline": "baseline", "conprediff": "conprediff"}),
+                 Borrow("backbones", {"baseline": "baseline", "conprediff": "conprediff"}, ("latent", "discrete"))],
+    "backbones": [Borrow("readings", {"baseline-vq-loss": "baseline", "conprediff-vq-loss": "conprediff"},
+                         ("discrete",), new_blocks=True)],
+}
 HIGHER_IS_BETTER = ("acc", "prompt_acc", "precision", "recall", "psnr", "confident")
 BASELINE = "baseline"
 # The paper's row our baseline presets reproduce at paper scale (its number and ours share a line when the
@@ -94,10 +116,11 @@ def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
         own = summary[summary["experiment"] == table]
         blocks = set(map(tuple, own[BLOCK[1:] + ["benchmark"]].values.tolist()))
         have = set(map(tuple, own[CELL].values.tolist()))
-        for source, methods, benchmarks in sources:
-            rows = summary[(summary["experiment"] == source) & summary["method"].isin(methods)
-                           & (summary["benchmark"].isin(benchmarks) if benchmarks else True)].assign(experiment=table)
-            keep = [(*r[1:len(BLOCK)], r[len(BLOCK)]) in blocks and tuple(r) not in have
+        for b in sources:
+            rows = summary[(summary["experiment"] == b.source) & summary["method"].isin(list(b.methods))
+                           & (summary["benchmark"].isin(b.benchmarks) if b.benchmarks else True)]
+            rows = rows.assign(experiment=table, method=rows["method"].map(b.methods))
+            keep = [(b.new_blocks or (*r[1:len(BLOCK)], r[len(BLOCK)]) in blocks) and tuple(r) not in have
                     for r in rows[CELL].values.tolist()]
             extra.append(rows[keep])
     return pd.concat([summary, *extra], ignore_index=True) if extra else summary
@@ -210,9 +233,12 @@ def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
     rows, comparisons = [], {}  # comparisons: row position -> its Comparison, for the verdict after Holm
     by_key = {tuple(r[k] for k in CELL): r for r in summary.to_dict("records")}
     for r in summary.to_dict("records"):
-        refs = [BASELINE] if r["method"] != BASELINE else []
+        # a variant's own baseline ("baseline-<variant>") is compared only as EXTRA_COMPARISONS say
+        refs = [] if r["method"] == BASELINE or r["method"].startswith(BASELINE + "-") else [BASELINE]
         refs += [ref for m, ref in EXTRA_COMPARISONS.get(r["experiment"], []) if m == r["method"]]
-        if not refs:
+        if len(refs) > 1 and by_key.get(tuple({**r, "method": BASELINE}[k] for k in CELL)) is None:
+            refs.remove(BASELINE)  # the block has no plain baseline, but the row has its own reference
+        if BASELINE not in refs:  # a row of its own (its mean), then any comparisons the table asks for
             rows.append({**r, **dict.fromkeys(extra, ""), "delta": math.nan, "p": math.nan, "p_holm": math.nan})
         for ref in refs:
             base = by_key.get(tuple({**r, "method": ref}[k] for k in CELL))  # the reference's cell, same protocol
@@ -259,11 +285,13 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str =
              VERDICT_RULE, ""]
     ours = summary[summary["experiment"] == name]
     p = paper[paper["table"] == name]
-    for source, methods, benchmarks in BORROWED.get(name, []):
-        if benchmarks and not set(ours["benchmark"]) & set(benchmarks):
+    for b in BORROWED.get(name, []):
+        if b.benchmarks and not set(ours["benchmark"]) & set(b.benchmarks):
             continue  # nothing of this table runs on those benchmarks yet: nothing borrowed
-        lines += [f"Rows {', '.join(methods)}{' of ' + ', '.join(benchmarks) if benchmarks else ''} are the `{source}` "
-                  "table's records (the same runs), shown here to compare against.", ""]
+        shown = ", ".join(k if k == v else f"{v} (its {k})" for k, v in b.methods.items())
+        lines += [f"Rows {shown}{' of ' + ', '.join(b.benchmarks) if b.benchmarks else ''} are the `{b.source}` "
+                  "table's records (the same runs), shown here" + (" as this table's rows." if b.new_blocks
+                                                                  else " to compare against."), ""]
     # Paper scale: the paper's numbers, each with its protocol; ours on the same line only where the protocol is
     # the same (paper_numbers.csv's our_metric, or the same metric name), else on lines of their own.
     lines += ["## Paper scale", "",

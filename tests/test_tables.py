@@ -117,6 +117,18 @@ def test_readings_borrow_the_unconditional_rows_only_where_they_have_records_of_
     assert vs.loc["baseline", "delta"] == pytest.approx(2.0) and vs.loc["conprediff", "delta"] == pytest.approx(-14.0)
     assert "pixel" not in set(with_borrowed(summarize(recs)).query("experiment == 'readings'")["benchmark"])
 
+    # the backbones table shows the readings' vq-loss runs as its discrete baseline and ConPreDiff rows, in a block
+    # of their own (new_blocks), compared with each other; the readings compare them only as EXTRA_COMPARISONS say
+    vq = [dict(base, experiment="readings", benchmark="discrete", sampler="mask-replace-ancestral-100",
+               method=m, seed=s, value=v + s * d) for m, v, d in (("baseline-vq-loss", 3.0, 0.2),
+                                                                   ("conprediff-vq-loss", 3.5, 0.3)) for s in range(3)]
+    table = with_deltas(with_borrowed(summarize(recs + vq)))
+    mine = table.query("experiment == 'backbones' and benchmark == 'discrete'").set_index("method")
+    assert mine.loc["conprediff", "vs"] == "baseline" and mine.loc["conprediff", "delta"] == pytest.approx(0.6)
+    readings = table.query("experiment == 'readings' and benchmark == 'discrete'")
+    assert sorted(map(tuple, readings[["method", "vs"]].values.tolist())) == [
+        ("baseline-vq-loss", ""), ("conprediff-vq-loss", ""), ("conprediff-vq-loss", "baseline-vq-loss")]
+
 
 def test_cells_never_mix_protocols_and_refuse_duplicates():
     """Issue 18, 2: seed 0 measured at checkpoints 4 and 8 and seed 1 at 8 were one cell "n=3, seeds 0,0,1"."""

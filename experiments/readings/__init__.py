@@ -50,6 +50,8 @@ PRESETS = [
     _reading("reads-features+denoised", context={"decoder_input": "features+denoised"}),
 ]
 
+# The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
+# backbones table's discrete ones (whose rows are these runs); they keep the names they were recorded under.
 VQ_LOSS = _with(MINI_DISCRETE, diffusion={"discrete_loss": "vq_diffusion"})
 # ‖∇θ λ L_context‖ / ‖∇θ L_point‖ on the backbone, median of 16 batches (python -m experiments.readings.grad_ratio,
 # results/readings/grad_ratio.jsonl): pixel UNet 0.41 at initialisation, 0.76 and 0.90 at steps 1,500 and 2,000
