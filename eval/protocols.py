@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
-from .records import ROOT, append_record, load_records
+from .records import ROOT, append_record, load_records, recorded
 
 CLEANFID, TORCHFIDELITY = "cleanfid", "torchfidelity"
 PR_NEIGHBORHOOD = 3
@@ -163,11 +163,6 @@ def torchfidelity_fid_pr(samples: Path, ref: Path, device: str, k: int = PR_NEIG
             "recall": float(out["recall"])}
 
 
-def recorded(records: list[dict], key: dict, metric: str) -> bool:
-    return any(not r.get("superseded") and r.get("metric") == metric and all(r.get(k) == v for k, v in key.items())
-               for r in records)
-
-
 def record_unconditional(key: dict, benchmark: str, method: str, samples: Path, records_path: Path,
                          data_source: str, device: str | None = None,
                          feature_extractor: str = TF_FEATURE_EXTRACTOR) -> list[dict]:
@@ -182,7 +177,7 @@ def record_unconditional(key: dict, benchmark: str, method: str, samples: Path, 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     n = key["n_samples"]
     existing = load_records(records_path) if Path(records_path).exists() else []
-    todo = {backend: [m for m in names if not recorded(existing, key, m)]
+    todo = {backend: [m for m in names if not recorded(existing, metric=m, **key)]
             for backend, names in unconditional_metrics(n).items()}
     values, notes = [], []  # values: (metric, value, reference, backend)
     # clean-fid against the benchmark's statistics

@@ -108,6 +108,12 @@ def append_record(record: dict, path: str | Path = RECORDS) -> bool:
     return False
 
 
+def recorded(records: list[dict], **key) -> bool:
+    """Some record in ``records`` matches every ``key`` field and is not superseded: a superseded measurement does
+    not count as done (it is measured again, as :func:`append_record` lets it be)."""
+    return any(not r.get("superseded") and all(r.get(k) == v for k, v in key.items()) for r in records)
+
+
 def load_records(path: str | Path = RECORDS) -> list[dict]:
     """Every record in ``path``; a damaged line or a record missing a required field raises :class:`RecordError`
     naming the file and line. A partial last line (an interrupted append) is dropped with a warning."""

@@ -271,15 +271,15 @@ class RunWorker:
 
 def run_finished(experiment: str, preset: str, seed: int, scale: str, run_dir: Path, records: list[dict]) -> bool:
     """The run is complete: its export holds the configured final step and a record of (experiment, preset, seed,
-    scale) measured that checkpoint exists."""
+    scale) measured that checkpoint exists, not superseded."""
     from core.runlog import read_provenance
+    from eval.records import recorded
 
     steps = configured_steps(run_dir)
     exported = (read_provenance(run_dir / "pipeline") or {}).get("checkpoint")
     if steps is None or exported is None or exported < steps:
         return False
-    return any(r.get("experiment") == experiment and r.get("preset") == preset and r.get("seed") == seed
-               and r.get("scale") == scale and r.get("checkpoint") == exported for r in records)
+    return recorded(records, experiment=experiment, preset=preset, seed=seed, scale=scale, checkpoint=exported)
 
 
 def job_alive(launcher: str, folder: Path, job_id: str) -> bool:

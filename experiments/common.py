@@ -40,7 +40,7 @@ from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
 from core.train import train
-from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records
+from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records, recorded
 
 
 @dataclass
@@ -144,10 +144,6 @@ def exported_checkpoint(run_dir: Path) -> int:
         raise FileNotFoundError(f"{run_dir / 'pipeline'} does not say which checkpoint it was exported from (no "
                                 f"provenance.json): re-run `python -m core.train --run-dir {run_dir}` to export it again")
     return int(prov["checkpoint"])
-
-
-def recorded(records: list[dict], **key) -> bool:
-    return any(all(r.get(k) == v for k, v in key.items()) for r in records)
 
 
 def evaluate_unconditional(

@@ -273,3 +273,27 @@ def test_report_to_a_missing_tracker_names_its_pip_package(tmp_path, capsys):
         main("unconditional", PRESETS, "", ["--scale", "smoke", "--runs-dir", str(tmp_path), "--report-to", "tensorboard"])
     assert e.value.code == 2 and "pip install tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()
+
+
+def test_superseded_records_do_not_count_as_measured(tmp_path):
+    """A superseded measurement is to be redone: the runners' "already recorded" check and the launcher's "run
+    finished" check both ignore it (before, both counted it and the run was never measured again)."""
+    import json
+
+    import yaml
+
+    from eval.records import recorded
+    from experiments.cluster import run_finished
+
+    key = dict(experiment="backbones", preset="mini-digits16-discrete-baseline", seed=0, scale="mini", checkpoint=4)
+    old = dict(key, metric="fd_digits", value=1.0, superseded="trained with another loss weighting")
+    assert not recorded([old], metric="fd_digits", **key)
+    assert recorded([{**old, "superseded": ""}], metric="fd_digits", **key)
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 4}}))
+    (run / "pipeline" / "provenance.json").write_text(json.dumps({"checkpoint": 4}))
+    assert not run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run,
+                            records=[old])
+    assert run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run,
+                        records=[{k: v for k, v in old.items() if k != "superseded"}])

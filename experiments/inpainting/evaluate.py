@@ -18,9 +18,9 @@ from core.data import ImageData
 from core.inpaint import MASK_KINDS, MASK_VERSION, make_mask, repaint, repaint_sampler_name
 from core.masks import DEFAULT_MASKS_DIR, paper_masks
 from core.sample import load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
-from eval.records import append_record, load_records
+from eval.records import append_record, load_records, recorded
 
-from ..common import Preset, exported_checkpoint, recorded, save_grid, tensor_hash
+from ..common import Preset, exported_checkpoint, save_grid, tensor_hash
 
 METRICS = ("percep_digits", "mse_hole", "psnr_hole")
 
