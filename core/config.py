@@ -143,6 +143,9 @@ class ModelConfig:
         _check(f"{p}.latent_scale", self.latent_scale is None or self.latent_scale > 0, "must be > 0 or null")
 
 
+SAMPLING_DTYPES = ("fp32", "bf16")  # diffusion.sampling_dtype, core.sample's --dtype
+
+
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
@@ -173,7 +176,7 @@ class DiffusionConfig:
         _choice(f"{p}.sampler", self.sampler, ("ddim", "ddpm"))
         _check(f"{p}.beta_start", 0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
         _check(f"{p}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
-        _choice(f"{p}.sampling_dtype", self.sampling_dtype, ("fp32", "bf16"))
+        _choice(f"{p}.sampling_dtype", self.sampling_dtype, SAMPLING_DTYPES)
         _choice(f"{p}.discrete_loss", self.discrete_loss, ("token_mean", "vq_diffusion"))
         _check(f"{p}.eta", self.eta == 0 or self.sampler == "ddim", "only the ddim sampler takes eta")
         _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,

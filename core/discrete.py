@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import ContextPrediction, FeatureTap, last_block
+from .objective import ContextPrediction, FeatureTap, last_block, uniform_timesteps
 
 EPS = 1e-30
 
@@ -198,7 +198,7 @@ class DiscreteTrainingModule(nn.Module):
         """One t per image ``(B,)`` (CPU, long), image b from ``generators[b]``: uniform, or importance-sampled."""
         probs = self.timestep_probs()
         if probs is None:
-            return torch.cat([torch.randint(0, self.diffusion.t_max, (1,), generator=g) for g in generators])
+            return uniform_timesteps(generators, self.diffusion.t_max)
         probs = probs.float().cpu()
         return torch.cat([torch.multinomial(probs, 1, generator=g) for g in generators])
 

@@ -63,6 +63,12 @@ def image_generators(seed: int, step: int, indices: Sequence[int], device: torch
     return gens
 
 
+def uniform_timesteps(gens: Sequence[torch.Generator], num_timesteps: int) -> torch.Tensor:
+    """One training timestep per image, uniform on ``0 .. num_timesteps - 1``, image b's from ``gens[b]``:
+    ``(len(gens),)`` long, on the CPU."""
+    return torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens])
+
+
 def randn_per_image(
     gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32, dim: int = 0
 ) -> torch.Tensor:

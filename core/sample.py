@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import SAMPLING_DTYPES
 from .models import sampling_scheduler
 from .runlog import pipeline_files_hash, read_provenance, write_atomic
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
-SAMPLING_DTYPES = ("fp32", "bf16")  # diffusion.sampling_dtype
 
 
 def parse_seeds(text: str) -> list[int]:

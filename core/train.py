@@ -39,7 +39,8 @@ from .config import ConfigError, RunConfig, apply_overrides, config_diff, load_y
 from .data import ImageData, MicroBatches, global_batch_indices, micro_batches
 from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
-from .objective import ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image
+from .objective import (ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image,
+                        uniform_timesteps)
 from .runlog import RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
 from .tracking import accelerator_kwargs, start_tracking
 
@@ -157,6 +158,16 @@ def build_discrete_module(cfg: RunConfig, sample_size: int):
                                   loss_weighting=cfg.diffusion.discrete_loss)
 
 
+def build_module(cfg: RunConfig, vae: Autoencoder | None = None):
+    """The training module of ``cfg``'s backbone, on the pixel grid or ``vae``'s latent grid (from the global RNG:
+    :func:`train` seeds it with ``train.seed`` first)."""
+    if cfg.backbone == "discrete":
+        return build_discrete_module(cfg, cfg.data.resolution)
+    if vae is None:
+        return build_training_module(cfg, cfg.data.channels, cfg.data.resolution)
+    return build_training_module(cfg, vae.latent_channels, cfg.data.resolution // vae.downsample)
+
+
 def export_pipeline(
     unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None,
     text_encoder: dict | None = None, step: int | None = None,
@@ -233,8 +244,6 @@ def train(
     data = ImageData(cfg.data)
     vae = Autoencoder(cfg.model.vae, device, cfg.model.vae_revision, cfg.model.vae_subfolder,
                       cfg.model.latent_scale, dtype=frozen_dtype) if cfg.backbone == "latent" else None
-    channels = vae.latent_channels if vae else cfg.data.channels
-    size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
     if vae:
         check_latent_size(cfg, vae.downsample)
         if vae.is_vq and cfg.model.latent_sampling == "sample":
@@ -255,7 +264,7 @@ def train(
                               f"encoder's hidden size {text.dim}")
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     discrete = cfg.backbone == "discrete"
-    module = build_discrete_module(cfg, size) if discrete else build_training_module(cfg, channels, size)
+    module = build_module(cfg, vae)
     ema = EMAModel(ema_target(module).parameters(), decay=tc.ema_decay)
     optimizer = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = "constant_with_warmup" if tc.lr_schedule == "constant" else tc.lr_schedule
@@ -313,14 +322,10 @@ def train(
                 x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
                                               if cfg.model.latent_sampling == "sample" else None)
             gens = image_generators(tc.seed, step, positions)
-            if discrete:  # uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
-                timesteps = inner.sample_timesteps(gens)
+            if discrete:  # t uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
+                inputs = (quantize(x0, cfg.model.token_levels), inner.sample_timesteps(gens).to(device), gens)
             else:
-                timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g)
-                                       for g in gens])
-            if discrete:
-                inputs = (quantize(x0, cfg.model.token_levels), timesteps.to(device), gens)
-            else:
+                timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
                 noise = randn_per_image(gens, x0.shape[1:], device)
                 cond = None
                 if text is not None:  # caption dropout for classifier-free guidance, drawn per image

@@ -57,7 +57,7 @@ class Borrow:
 
 
 # The readings compare each changed choice with the unconditional table's baseline and ConPreDiff, and the backbone
-# readings with the backbones table's latent rows. The backbones table's discrete rows are the readings' vq-loss
+# readings with the backbones table's current latent (and, once re-run under the backbones experiment, discrete) rows. The backbones table's discrete rows are the readings' vq-loss
 # runs: that reading changed the discrete presets' loss weighting to VQ-Diffusion's (the earlier per-token-mean
 # records are superseded), so the same runs serve both tables.
 BORROWED = {
@@ -109,19 +109,21 @@ EXTRA_COMPARISONS = {
 
 
 def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, in the blocks (scale and protocol) and
-    benchmarks where the table has records of its own and no cell of that method."""
+    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, where the table has no cell of that
+    method, and (unless ``new_blocks``) only in the blocks (scale and protocol) and benchmarks where the table has
+    records of its own."""
+    where = BLOCK[1:] + ["benchmark"]  # a block of a table, on one benchmark
     extra = []
     for table, sources in BORROWED.items():
         own = summary[summary["experiment"] == table]
-        blocks = set(map(tuple, own[BLOCK[1:] + ["benchmark"]].values.tolist()))
+        blocks = set(map(tuple, own[where].values.tolist()))
         have = set(map(tuple, own[CELL].values.tolist()))
         for b in sources:
             rows = summary[(summary["experiment"] == b.source) & summary["method"].isin(list(b.methods))
                            & (summary["benchmark"].isin(b.benchmarks) if b.benchmarks else True)]
             rows = rows.assign(experiment=table, method=rows["method"].map(b.methods))
-            keep = [(b.new_blocks or (*r[1:len(BLOCK)], r[len(BLOCK)]) in blocks) and tuple(r) not in have
-                    for r in rows[CELL].values.tolist()]
+            keep = [(b.new_blocks or tuple(w) in blocks) and tuple(c) not in have
+                    for w, c in zip(rows[where].values.tolist(), rows[CELL].values.tolist())]
             extra.append(rows[keep])
     return pd.concat([summary, *extra], ignore_index=True) if extra else summary
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from core.config import ConfigError, RunConfig, apply_overrides
-from core.data import ImageData, global_batch_indices
+from core.data import ImageData, MicroBatches
 from core.models import Autoencoder
-from core.objective import image_generators, randn_per_image
-from core.train import build_discrete_module, build_training_module, ema_target, quantize
+from core.objective import image_generators, randn_per_image, uniform_timesteps
+from core.train import build_module, ema_target, quantize
 
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
@@ -57,11 +57,8 @@ def build(cfg: RunConfig):
     vae = None
     if cfg.backbone == "latent":
         vae = Autoencoder(cfg.model.vae, "cpu", cfg.model.vae_revision, cfg.model.vae_subfolder, cfg.model.latent_scale)
-    channels = vae.latent_channels if vae else cfg.data.channels
-    size = cfg.data.resolution // vae.downsample if vae else cfg.data.resolution
     torch.manual_seed(cfg.train.seed)
-    module = build_discrete_module(cfg, size) if cfg.backbone == "discrete" else build_training_module(cfg, channels, size)
-    return module, vae
+    return build_module(cfg, vae), vae
 
 
 def load_checkpoint(module: torch.nn.Module, run_dir: Path, step: int) -> None:
@@ -77,13 +74,12 @@ def load_checkpoint(module: torch.nn.Module, run_dir: Path, step: int) -> None:
 def batch_inputs(cfg: RunConfig, module, vae, data: ImageData, step: int) -> tuple:
     """The inputs ``core.train`` feeds the module at optimizer step ``step`` (one process, no accumulation)."""
     tc = cfg.train
-    indices = global_batch_indices(len(data), tc.seed, step, tc.batch_size)
-    x0 = data.images(indices)
+    x0 = MicroBatches(data, tc.seed, tc.batch_size, 1, 0, tc.batch_size)[step]
     x0 = vae.encode(x0) if vae else x0
     gens = image_generators(tc.seed, step, range(step * tc.batch_size, (step + 1) * tc.batch_size))
     if cfg.backbone == "discrete":
         return quantize(x0, cfg.model.token_levels), module.sample_timesteps(gens), gens
-    timesteps = torch.cat([torch.randint(0, cfg.diffusion.num_train_timesteps, (1,), generator=g) for g in gens])
+    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
     noise = randn_per_image(gens, x0.shape[1:], "cpu")
     return x0, noise, timesteps, None, gens
 
