@@ -70,6 +70,7 @@ def digits_dataset(split: str = "train") -> datasets.Dataset:
 
 
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # loose image files of an imagefolder
 
 
 def _webdataset_shards(source: str) -> list[str] | None:
@@ -83,7 +84,7 @@ def _webdataset_shards(source: str) -> list[str] | None:
         if not shards:
             raise DataError(f"data.source={source!r}: no webdataset shard matches")
         return shards
-    if path.is_dir() and not any(p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"} for p in path.rglob("*")):
+    if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
         shards = sorted(str(p) for p in path.glob("*.tar"))
         return shards or None
     return None
@@ -115,7 +116,7 @@ def load_image_dataset(cfg: DataConfig) -> datasets.Dataset:
         path = Path(cfg.source).expanduser()
         if not path.is_dir():
             raise DataError(f"data.source={cfg.source!r}: no such directory (expected an imagefolder)")
-        if not any(p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"} for p in path.rglob("*")):
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
             raise DataError(f"data.source={cfg.source!r}: no image files (.png/.jpg/.jpeg/.webp/.bmp) found")
         if cfg.split != "train" and not (path / cfg.split).is_dir():  # held-out images live in <folder>/<split>/
             raise DataError(f"data.source={cfg.source!r}: no {cfg.split}/ folder of held-out images; the prepare step "

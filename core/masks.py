@@ -125,12 +125,6 @@ def load_repaint_masks(kind: str, n: int, resolution: int = 256, masks_dir: str 
     return torch.stack([load_repaint_mask(f, resolution) for f in files[:n]])
 
 
-def repaint_masks_present(masks_dir: str | Path = DEFAULT_MASKS_DIR, n: int = 1) -> bool:
-    """Whether every one of the six RePaint folders holds at least ``n`` masks."""
-    return all(len(list_repaint_masks(f)) >= n if f.is_dir() else False
-               for f in (repaint_mask_folder(k, masks_dir) for k in REPAINT_DIRS))
-
-
 def mask_geometry(kind: str, masks: torch.Tensor) -> dict[str, float]:
     """Known fraction of a loaded set ``(N, 1, R, R)`` (mean, min, max) beside :func:`core.inpaint.make_mask`'s for
     ``kind`` (seed 0), to check that a file set matches the paper column it is mapped to."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import RunConfig
+from core.data import IMAGE_SUFFIXES
 from core.hub import hub_offline, hub_reachable, is_hub_id, weights_problem
 from eval.protocols import REFERENCE_DATA  # FID reference images of benchmarks not compared with their training data
 
@@ -31,7 +32,6 @@ PREPARE = {
                         "data.source=<a hub dataset with image and caption columns, or a shard glob such as "
                         "data/laion/*.tar>; never COCO (the zero-shot protocol)",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
