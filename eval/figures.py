@@ -7,6 +7,7 @@
 * ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
 * ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
   ``readings.png``: quality per changed choice (readings and confounds) beside the baseline and ConPreDiff;
+  these four draw ``fd_digits`` and ``confident_digits``, one panel each;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
 Records marked ``superseded`` are left out. Figures without current records are skipped (listed, and
@@ -27,7 +28,7 @@ import pandas as pd  # noqa: E402
 from core.runlog import read_jsonl  # noqa: E402
 
 from .records import RECORDS, ROOT, SCALES, load_records, scale_of  # noqa: E402
-from .tables import summarize, with_borrowed  # noqa: E402
+from .tables import higher_is_better, summarize, with_borrowed  # noqa: E402
 
 RESULTS = ROOT / "results"
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
@@ -72,27 +73,56 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
     return _save(fig, out)
 
 
-def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str, metric: str = "fd_digits",
-            order: tuple[str, ...] = (), labels: dict[str, str] | None = None) -> Path | None:
-    """Bars per benchmark and method: the baseline first, then the methods in ``order``, then the rest by name."""
-    d = summary[(summary["experiment"] == experiment) & (summary["metric"] == metric)]
-    if d.empty:
-        return None
-    benches = sorted(d["benchmark"].unique())
+def bar_layout(d: pd.DataFrame, order: tuple[str, ...] = ()) -> list[tuple[float, str, str]]:
+    """(x, benchmark, method) of each bar: per benchmark only the methods it has, the baseline first, then the
+    methods in ``order``, then the rest by name; one empty slot between benchmarks."""
     rank = {m: i for i, m in enumerate(order)}
-    methods = sorted(d["method"].unique(), key=lambda m: (m != "baseline", rank.get(m, len(rank)), m))
-    fig, ax = plt.subplots(figsize=(1.8 * len(benches) * max(1, len(methods) / 2) + 2, 4))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
-        rows = [d[(d["benchmark"] == b) & (d["method"] == method)] for b in benches]
-        means = [r["mean"].iloc[0] if len(r) else float("nan") for r in rows]
-        stds = [r["std"].fillna(0).iloc[0] if len(r) else 0 for r in rows]
-        ax.bar([i + j * width for i in range(len(benches))], means, width, yerr=stds, capsize=3,
-               label=(labels or {}).get(method, method))
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(benches))], benches)
-    ax.set_ylabel(f"{metric} (lower is better)")
-    ax.set_title(f"{title} (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    key = lambda m: (m != "baseline", rank.get(m, len(rank)), m)  # noqa: E731
+    bars, x = [], 0.0
+    for bench in sorted(d["benchmark"].unique()):
+        for method in sorted(d.loc[d["benchmark"] == bench, "method"].unique(), key=key):
+            bars.append((x, bench, method))
+            x += 1
+        x += 1
+    return bars
+
+
+def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
+            metrics: tuple[str, ...] = ("fd_digits", "confident_digits"), order: tuple[str, ...] = (),
+            labels: dict[str, str] | None = None) -> Path | None:
+    """Bars per benchmark and method (mean ± std over seeds; the largest n in the tick label), one panel per metric.
+
+    A method gets a bar only on the benchmarks it was measured on (``bar_layout``), and one colour
+    throughout. Metrics without records get no panel; returns None when none has records.
+    """
+    d = summary[summary["experiment"] == experiment]
+    metrics = tuple(m for m in metrics if (d["metric"] == m).any())
+    if not metrics:
+        return None
+    d = d[d["metric"].isin(metrics)]
+    bars = bar_layout(d, order)
+    methods = sorted({m for _, _, m in bars}, key=lambda m: next(x for x, _, mm in bars if mm == m))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 0.45 * (bars[-1][0] + 1) + 2.5), 2.8 * len(metrics) + 1.2),
+                             squeeze=False, sharex=True)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for x, bench, method in bars:
+            r = d[(d["benchmark"] == bench) & (d["method"] == method) & (d["metric"] == metric)]
+            if len(r):
+                ax.bar(x, r["mean"].iloc[0], 0.85, yerr=r["std"].fillna(0).iloc[0], capsize=2, color=colour[method])
+        ax.set_ylabel(f"{metric}\n({'higher' if higher_is_better(metric) else 'lower'} is better)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    def tick(bench: str, method: str) -> str:
+        n = d[(d["benchmark"] == bench) & (d["method"] == method)]["n"]
+        return f"{(labels or {}).get(method, method)} (n={int(n.max())})"
+
+    axes[-1, 0].set_xticks([x for x, _, _ in bars], [tick(b, m) for _, b, m in bars], rotation=40, ha="right",
+                           fontsize=7)
+    for bench in sorted({b for _, b, _ in bars}):
+        xs = [x for x, b, _ in bars if b == bench]
+        axes[0, 0].annotate(bench, ((min(xs) + max(xs)) / 2, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9, weight="bold")
+    axes[0, 0].set_title(f"{title} (mean ± std over seeds)", pad=16)
     return _save(fig, out)
 
 
@@ -160,7 +190,8 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
         "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
         "readings.png": lambda p: grouped(
             summary, "readings", p, "Readings",
-            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-features+denoised"),
+            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-features+denoised",
+                   "lambda-matched", "lambda-0.1"),
             labels={"conprediff": "conprediff (default choices)"}),
     }
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):

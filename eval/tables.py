@@ -103,7 +103,7 @@ EXTRA_COMPARISONS = {
     "decoding_ablation": [("conprediff", "explicit"), ("sinkhorn", "conprediff")],
     "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
     "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
-                                             "reads-features+denoised", "lambda-matched")]
+                                             "reads-features+denoised", "lambda-matched", "lambda-0.1")]
     + [("conprediff-vq-loss", "baseline-vq-loss")],
 }
 

@@ -182,6 +182,19 @@ def test_figures_are_deterministic(tmp_path):
     assert grouped(summary, "stride_ablation", tmp_path / "none.png", "t") is None
 
 
+def test_grouped_bars_only_where_a_method_was_measured():
+    """A method measured on one benchmark gets no empty slot on the others (readings.png was mostly gaps)."""
+    import pandas as pd
+
+    from eval.figures import bar_layout
+
+    d = pd.DataFrame({"benchmark": ["pixel", "pixel", "pixel", "latent", "latent"],
+                      "method": ["x0", "conprediff", "baseline", "lam", "baseline"]})
+    assert bar_layout(d, order=("conprediff",)) == [
+        (0, "latent", "baseline"), (1, "latent", "lam"),
+        (3, "pixel", "baseline"), (4, "pixel", "conprediff"), (5, "pixel", "x0")]
+
+
 def test_scale_of_reads_the_longest_scale_prefix():
     from eval.records import scale_of
 
