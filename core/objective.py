@@ -207,7 +207,10 @@ class DiffusionTrainingModule(nn.Module):
             features = self.tap.pop()
             reads = self.context.cfg.decoder_input
             if reads != "features":  # the model's own x_{t-1} estimate, mu~(x_t, x0_hat), with its gradient
-                denoised = (c0 * self.predicted_x0(x_t, out, timesteps) + ct * x_t).to(features.dtype)
+                x0_hat = self.predicted_x0(x_t, out, timesteps)
+                if self.context.cfg.denoised_clip:
+                    x0_hat = x0_hat.clamp(-self.context.cfg.denoised_clip, self.context.cfg.denoised_clip)
+                denoised = (c0 * x0_hat + ct * x_t).to(features.dtype)
                 features = denoised if reads == "denoised" else torch.cat([features, denoised], 1)
             weighted, logged = self.context.terms(features, target_map.float(), generators)
             loss = loss + weighted

@@ -190,8 +190,8 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
         "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
         "readings.png": lambda p: grouped(
             summary, "readings", p, "Readings",
-            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-features+denoised",
-                   "lambda-matched", "lambda-0.1"),
+            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-denoised-clip",
+                   "reads-features+denoised", "lambda-matched", "lambda-0.1"),
             labels={"conprediff": "conprediff (default choices)"}),
     }
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):

@@ -42,6 +42,38 @@ def test_denoised_input_sends_the_context_gradient_through_the_unet_output(reads
     assert grads[reads].abs().max() > 0
 
 
+def test_denoised_clip_forms_the_input_from_the_clamped_x0_and_bounds_the_gradient_at_t_999():
+    """mu~(x_t, clamp(x0_hat)) by hand; at t = 999 (alpha-bar 2.4e-9) x0_hat is far outside [-1, 1], so the clamped
+    input sends no gradient to the UNet's output, where the unclamped one sends a large one."""
+    from core.objective import posterior_mean_coefficients
+
+    x0, noise, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([999, 500])
+    seen, grads = {}, {}
+    for clip in (0.0, 1.0):
+        _, module = _module(decoder_input="denoised", denoised_clip=clip)
+        module.scheduler = DDPMScheduler(1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)  # the mini presets'
+        module.context.forward = lambda features, target, gens=None, _c=clip: (
+            seen.__setitem__(_c, features) or (features.pow(2).sum(), torch.zeros(3)))
+        out = {}
+        module.unet.register_forward_hook(lambda m, i, o: out.__setitem__("eps", o.sample))
+        losses = module(x0, noise, t)
+        out["eps"].retain_grad()
+        losses["context_loss"].backward()
+        grads[clip] = out["eps"].grad
+        x_t = module.scheduler.add_noise(x0, noise, t)
+        c0, ct = (c.view(-1, 1, 1, 1) for c in posterior_mean_coefficients(module.scheduler, t))
+        x0_hat = module.predicted_x0(x_t, out["eps"].detach(), t)
+        x0_hat = x0_hat.clamp(-clip, clip) if clip else x0_hat
+        torch.testing.assert_close(seen[clip].detach(), c0 * x0_hat + ct * x_t)
+    assert grads[0.0][0].abs().max() > 1e3 * grads[0.0][1].abs().max()  # t = 999 dominates unclamped
+    assert grads[1.0][0].abs().max() == 0 and grads[1.0][1].abs().max() > 0
+    with pytest.raises(Exception, match="denoised_clip"):
+        RunConfig.from_dict({"context": {"denoised_clip": 1.0}})  # decoder_input=features reads no denoised point
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(Exception, match="denoised_clip"):
+            RunConfig.from_dict({"context": {"decoder_input": "denoised", "denoised_clip": bad}})
+
+
 def test_per_module_clipping_leaves_the_decoder_alone_and_clips_the_backbone_as_the_baseline():
     from accelerate import Accelerator
 
@@ -105,3 +137,23 @@ def test_grad_ratio_refuses_a_preset_without_context():
         measure("mini-digits16-baseline", 0, 1, overrides=TINY_PROBE)
     with pytest.raises(ConfigError, match="close: mini-digits16-conprediff"):
         measure("mini-digits16-conprediff-typo", 0, 1)
+
+
+def test_grad_ratio_at_a_fixed_timestep_noises_every_image_to_it():
+    from core.config import ConfigError, apply_overrides
+    from core.data import ImageData
+    from experiments.readings.grad_ratio import batch_inputs, build, find_preset, measure
+
+    cfg = RunConfig.from_dict(apply_overrides(find_preset("mini-digits16-conprediff").run_config(0).to_dict(), TINY_PROBE))
+    module, vae = build(cfg)
+    drawn = batch_inputs(cfg, module, vae, ImageData(cfg.data), 0)
+    fixed = batch_inputs(cfg, module, vae, ImageData(cfg.data), 0, timestep=999)
+    assert drawn[2].unique().numel() > 1 and fixed[2].tolist() == [999] * cfg.train.batch_size
+    torch.testing.assert_close(fixed[1], drawn[1])  # same images and noise, only t changes
+    out = measure("mini-digits16-conprediff", 0, 1, overrides=TINY_PROBE, timestep=999)
+    assert out["timestep"] == 999 and out["median"]["ratio"] != measure(
+        "mini-digits16-conprediff", 0, 1, overrides=TINY_PROBE)["median"]["ratio"]
+    with pytest.raises(ConfigError, match="outside"):
+        measure("mini-digits16-conprediff", 0, 1, overrides=TINY_PROBE, timestep=1000)
+    with pytest.raises(ConfigError, match="continuous"):
+        measure("mini-digits16-discrete-conprediff", 0, 1, overrides=TINY_PROBE, timestep=5)

@@ -71,8 +71,9 @@ def load_checkpoint(module: torch.nn.Module, run_dir: Path, step: int) -> None:
     module.load_state_dict(load_file(path))
 
 
-def batch_inputs(cfg: RunConfig, module, vae, data: ImageData, step: int) -> tuple:
-    """The inputs ``core.train`` feeds the module at optimizer step ``step`` (one process, no accumulation)."""
+def batch_inputs(cfg: RunConfig, module, vae, data: ImageData, step: int, timestep: int | None = None) -> tuple:
+    """The inputs ``core.train`` feeds the module at optimizer step ``step`` (one process, no accumulation);
+    with ``timestep`` every image of the batch is noised to that t instead of its drawn one (continuous backbones)."""
     tc = cfg.train
     x0 = MicroBatches(data, tc.seed, tc.batch_size, 1, 0, tc.batch_size)[step]
     x0 = vae.encode(x0) if vae else x0
@@ -80,6 +81,8 @@ def batch_inputs(cfg: RunConfig, module, vae, data: ImageData, step: int) -> tup
     if cfg.backbone == "discrete":
         return quantize(x0, cfg.model.token_levels), module.sample_timesteps(gens), gens
     timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
+    if timestep is not None:
+        timesteps = torch.full_like(timesteps, timestep)
     noise = randn_per_image(gens, x0.shape[1:], "cpu")
     return x0, noise, timesteps, None, gens
 
@@ -100,12 +103,18 @@ def gradient_balance(module, inputs: tuple) -> dict:
 
 
 def measure(preset: str, seed: int, batches: int, run_dir: Path | None = None, checkpoint: int = 0,
-            overrides: list[str] | None = None) -> dict:
-    """Median ratio, norms and cosine over the first ``batches`` training batches; raises ``ConfigError`` for a
-    preset without a context term."""
+            overrides: list[str] | None = None, timestep: int | None = None) -> dict:
+    """Median ratio, norms and cosine over the first ``batches`` training batches (every image at ``timestep``
+    when given); raises ``ConfigError`` for a preset without a context term, a timestep outside
+    [0, num_train_timesteps) or on the discrete backbone."""
     cfg = RunConfig.from_dict(apply_overrides(find_preset(preset).run_config(seed).to_dict(), overrides or []))
     if not cfg.context.enabled:
         raise ConfigError(f"{preset} has no context term (context.enabled is false): nothing to compare")
+    if timestep is not None:
+        if cfg.backbone == "discrete":
+            raise ConfigError("--timesteps applies to the continuous backbones (the discrete one draws its own t)")
+        if not 0 <= timestep < cfg.diffusion.num_train_timesteps:
+            raise ConfigError(f"timestep {timestep} outside [0, {cfg.diffusion.num_train_timesteps})")
     module, vae = build(cfg)
     if checkpoint:
         if run_dir is None:
@@ -113,12 +122,12 @@ def measure(preset: str, seed: int, batches: int, run_dir: Path | None = None, c
         load_checkpoint(module, run_dir, checkpoint)
     module.train()
     data = ImageData(cfg.data)
-    rows = [gradient_balance(module, batch_inputs(cfg, module, vae, data, step)) for step in range(batches)]
+    rows = [gradient_balance(module, batch_inputs(cfg, module, vae, data, step, timestep)) for step in range(batches)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"preset": preset, "seed": seed, "checkpoint": checkpoint, "run_dir": str(run_dir) if run_dir else None,
             "backbone": cfg.backbone, "context_weight": cfg.context.weight,
             "discrete_loss": cfg.diffusion.discrete_loss if cfg.backbone == "discrete" else None,
-            "batches": batches, "median": med, "per_batch": rows}
+            "batches": batches, "timestep": timestep, "median": med, "per_batch": rows}
 
 
 def main(argv=None) -> None:
@@ -128,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--run-dir", type=Path, help="a run of the (single) preset whose checkpoints to load")
     ap.add_argument("--checkpoints", default="0", help="comma-separated steps; 0 = initialisation")
+    ap.add_argument("--timesteps", default="", help="comma-separated t: one measurement per t with every image at "
+                    "that t (default: the training draws, one measurement)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as core.train")
     ap.add_argument("--out", type=Path, help="append one JSON line per measurement here")
     args = ap.parse_args(argv)
@@ -135,18 +146,19 @@ def main(argv=None) -> None:
     if args.run_dir and len(presets) != 1:
         ap.error("--run-dir belongs to one preset; give exactly one in --presets")
     overrides = args.set
-    for preset in presets:
-        for step in (int(s) for s in args.checkpoints.split(",")):
-            out = measure(preset, args.seed, args.batches, args.run_dir, step, overrides)
-            if overrides:
-                out["overrides"] = args.set
-            m = out["median"]
-            print(f"{preset} seed {args.seed} checkpoint {step}: ratio {m['ratio']:.3g} (‖∇ctx‖ {m['grad_context']:.3g}"
-                  f" / ‖∇point‖ {m['grad_point']:.3g}), cosine {m['cosine']:.2f}, median of {args.batches}", flush=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(out) + "\n")
+    timesteps = [int(t) for t in args.timesteps.split(",") if t] or [None]
+    for preset, step, t in ((p, int(s), t) for p in presets for s in args.checkpoints.split(",") for t in timesteps):
+        out = measure(preset, args.seed, args.batches, args.run_dir, step, overrides, t)
+        if overrides:
+            out["overrides"] = args.set
+        m = out["median"]
+        at = "" if t is None else f" t={t}"
+        print(f"{preset} seed {args.seed} checkpoint {step}{at}: ratio {m['ratio']:.3g} (‖∇ctx‖ {m['grad_context']:.3g}"
+              f" / ‖∇point‖ {m['grad_point']:.3g}), cosine {m['cosine']:.2f}, median of {args.batches}", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":
