@@ -59,12 +59,9 @@ def append_jsonl(path: str | Path, record: dict, unless: Callable[[list[dict]], 
     rolled back to the old length and raises ``OSError`` naming the file. ``unless(records)``, called
     under the lock with the file's records, can veto the append (append-once); returns whether it wrote.
     """
-    import fcntl
-
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _open_locked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         size = _drop_partial_tail(fd, path)
         if unless is not None and unless(read_jsonl(path)):
             return False
@@ -83,6 +80,49 @@ def append_jsonl(path: str | Path, record: dict, unless: Callable[[list[dict]], 
     finally:
         os.close(fd)
     return True
+
+
+def _open_locked(path: str | Path, flags: int) -> int:
+    """A descriptor of ``path`` under an exclusive ``flock``. If :func:`rewrite_jsonl` replaced the file while this
+    waited for the lock, the descriptor is of the old, unlinked file: open the new one and lock again."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, flags, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def rewrite_jsonl(path: str | Path, change: Callable[[dict], dict | None]) -> int:
+    """Apply ``change`` to every record of ``path`` under the append lock; a record it returns (not None) replaces
+    the line, others keep their bytes. The new file is written beside the old and renamed over it (atomic: a crash
+    leaves the old file or the new one), and :func:`append_jsonl` calls waiting for the lock append to the new
+    file. Returns how many lines changed."""
+    path = Path(path)
+    fd = _open_locked(path, os.O_RDONLY)
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+        out, changed = [], 0
+        for raw in lines:
+            new = change(json.loads(raw)) if raw.strip() else None
+            if new is not None:
+                raw, changed = (json.dumps(new, sort_keys=True) + "\n").encode(), changed + 1
+            out.append(raw)
+        if changed:
+            tmp = path.with_name(path.name + ".rewrite")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(out))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return changed
+    finally:
+        os.close(fd)
 
 
 def _drop_partial_tail(fd: int, path: str | Path) -> int:

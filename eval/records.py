@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from core.runlog import JsonlError, append_jsonl, git_commit, iter_jsonl
+from core.runlog import JsonlError, append_jsonl, git_commit, iter_jsonl, rewrite_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "records.jsonl"
@@ -114,6 +114,25 @@ def recorded(records: list[dict], **key) -> bool:
     return any(not r.get("superseded") and all(r.get(k) == v for k, v in key.items()) for r in records)
 
 
+def supersede(note: str, path: str | Path = RECORDS, **where) -> int:
+    """Mark every current record matching all ``where`` fields superseded with ``note`` (why it no longer counts and
+    what replaced it); returns how many. Raises ``RecordError`` for an empty note, no ``where`` fields (that would
+    supersede everything), an unknown field, or nothing current that matches. Records already superseded keep
+    their note. Safe beside running evaluations (:func:`core.runlog.rewrite_jsonl`)."""
+    if not note.strip():
+        raise RecordError("supersede needs a note: why the records no longer count and what replaced them")
+    if not where:
+        raise RecordError("supersede needs at least one field to match (e.g. experiment=..., sampler=...)")
+    unknown = sorted(set(where) - set(REQUIRED) - {"device"})
+    if unknown:
+        raise RecordError(f"unknown record field(s): {', '.join(unknown)}; fields: {', '.join(REQUIRED)}")
+    mark = lambda r: {**r, "superseded": note} if (  # noqa: E731
+        not r.get("superseded") and all(r.get(k) == v for k, v in where.items())) else None
+    if not any(mark(r) for r in load_records(path)):
+        raise RecordError(f"{path}: no current record matches {where}")
+    return rewrite_jsonl(path, mark)
+
+
 def load_records(path: str | Path = RECORDS) -> list[dict]:
     """Every record in ``path``; a damaged line or a record missing a required field raises :class:`RecordError`
     naming the file and line. A partial last line (an interrupted append) is dropped with a warning."""
@@ -128,3 +147,36 @@ def load_records(path: str | Path = RECORDS) -> list[dict]:
             raise RecordError(f"{path}:{n}: record is missing field(s): {', '.join(missing)}")
         out.append(rec)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Mark records superseded (they stay in the file and in their own "
+                                 "table blocks; figures and verdicts leave them out).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("supersede", help="python -m eval.records supersede --where experiment=inpainting "
+                        "--where sampler=repaint-50-j5-r5-noclip --note 'why, and what replaced them'")
+    sp.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                    help="match records whose FIELD equals VALUE (JSON, else a string); repeatable, all must match")
+    sp.add_argument("--note", required=True)
+    sp.add_argument("--records", type=Path, default=RECORDS)
+    args = ap.parse_args(argv)
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--where {item!r}: expected FIELD=VALUE")
+        try:
+            where[key] = json.loads(value)
+        except json.JSONDecodeError:
+            where[key] = value
+    try:
+        n = supersede(args.note, args.records, **where)
+    except RecordError as e:
+        ap.exit(2, f"error: {e}\n")
+    print(f"{n} record(s) marked superseded in {args.records}")
+
+
+if __name__ == "__main__":
+    main()

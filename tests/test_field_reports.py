@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -293,6 +295,51 @@ def test_records_are_appended_once(tmp_path):
     path.write_text(path.read_text()[:-30])  # a crash mid-append
     with pytest.warns(UserWarning, match="partial last line"):
         assert len(load_records(path)) == 1
+
+
+def test_supersede_marks_only_current_matching_records_and_refuses_vague_requests(tmp_path):
+    from eval.records import RecordError, load_records, main, supersede
+
+    rec = json.loads((ROOT / "tests" / "fixtures" / "records.jsonl").read_text().splitlines()[0])
+    old = dict(rec, experiment="inpainting", sampler="repaint-50-j5-r5-noclip")
+    recs = [dict(old, seed=0), dict(old, seed=1), dict(old, sampler="repaint-50-j5-r5-eta1-noclip"),
+            dict(old, seed=2, superseded="clipped")]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    before = path.read_text().splitlines()
+    for kwargs, match in (({"note": " ", "experiment": "inpainting"}, "needs a note"), ({"note": "x"}, "at least one"),
+                          ({"note": "x", "samplr": "a"}, "unknown record field"),
+                          ({"note": "x", "sampler": "ddim-50-clip"}, "no current record matches")):
+        with pytest.raises(RecordError, match=match):
+            supersede(path=path, **kwargs)
+    assert path.read_text().splitlines() == before
+    main(["supersede", "--records", str(path), "--where", "experiment=inpainting",
+          "--where", "sampler=repaint-50-j5-r5-noclip", "--note", "eta 0; replaced by eta 1"])
+    got = load_records(path)
+    assert [r.get("superseded") for r in got] == ["eta 0; replaced by eta 1"] * 2 + [None, "clipped"]
+    assert path.read_text().splitlines()[2:] == before[2:]  # untouched lines keep their bytes
+    assert not list(tmp_path.glob("*.rewrite"))
+
+
+def test_an_append_waiting_on_a_rewrite_lands_in_the_new_file(tmp_path):
+    """rewrite_jsonl renames a new file over the old one; an appender that opened the old file and waited for its
+    lock must append to the new file, not to the unlinked old one (where its record would be lost)."""
+    from core.runlog import _open_locked, rewrite_jsonl
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n")
+    fd = _open_locked(path, os.O_RDONLY)  # a rewrite in progress holds the lock
+    appender = threading.Thread(target=append_jsonl, args=(path, {"a": 2}))
+    appender.start()
+    time.sleep(0.3)  # the appender has opened the old file and waits on its lock
+    tmp = tmp_path / "new"
+    tmp.write_text(json.dumps({"a": 1, "superseded": "x"}) + "\n")
+    os.replace(tmp, path)
+    os.close(fd)
+    appender.join(5)
+    assert [r["a"] for r in read_jsonl(path)] == [1, 2]
+    assert rewrite_jsonl(path, lambda r: dict(r, b=0) if r["a"] == 2 else None) == 1
+    assert read_jsonl(path) == [{"a": 1, "superseded": "x"}, {"a": 2, "b": 0}]
 
 
 def test_inpainting_records_what_it_measures_at_every_scale(monkeypatch):
