@@ -11,7 +11,7 @@ held-out digits, RePaint T=50, jump 5, 5 resamplings [choice, for CPU time]; bot
 in the unknown region (eta 1) with RePaint's exact jump back (``core.inpaint``); metrics
 ``percep_digits`` (LPIPS-like proxy in the digits classifier, not LPIPS), hole ``mse`` and ``psnr``.
 
-    python -m experiments.inpainting --scale mini --seeds 0,1,2
+    python -m experiments.inpainting --scale mini --seeds 0,1,2,3,4 --jobs 2
 """
 
 from __future__ import annotations
