@@ -63,7 +63,8 @@ VQ_LOSS = _with(MINI_DISCRETE, diffusion={"discrete_loss": "vq_diffusion"})
 # results/readings/grad_ratio.jsonl): pixel UNet 0.41 at initialisation, 0.76 and 0.90 at steps 1,500 and 2,000
 # (seed 3); latent UNet 0.51 at initialisation, 2.15 at step 500 (seed 0, λ = 1). Matched to the pixel UNet's trained
 # ratio (0.83, the mean of 0.76 and 0.90): λ = 0.83 / 2.15 = 0.39, rounded to 0.4. The steps differ (the pixel
-# ratio grows with training), so this is the order of magnitude of the match, not an exact one.
+# ratio grows with training), so this is the order of magnitude of the match, not an exact one. Measured later on the
+# same latent run continued: 1.37 and 1.16 at steps 1,500 and 2,000, where the match would be λ = 0.55 and 0.78.
 LAMBDA_MATCHED = 0.4
 
 PRESETS += [
