@@ -102,7 +102,7 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
     d = d[d["metric"].isin(metrics)]
     bars = bar_layout(d, order)
     methods = sorted({m for _, _, m in bars}, key=lambda m: next(x for x, _, mm in bars if mm == m))
-    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colour = {m: plt.cm.tab20(i % 20) if len(methods) > 10 else f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 0.45 * (bars[-1][0] + 1) + 2.5), 2.8 * len(metrics) + 1.2),
                              squeeze=False, sharex=True)
     for ax, metric in zip(axes[:, 0], metrics):
