@@ -101,7 +101,7 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
         return None
     d = d[d["metric"].isin(metrics)]
     bars = bar_layout(d, order)
-    methods = sorted({m for _, _, m in bars}, key=lambda m: next(x for x, _, mm in bars if mm == m))
+    methods = list(dict.fromkeys(m for _, _, m in bars))  # in order of first bar
     colour = {m: plt.cm.tab20(i % 20) if len(methods) > 10 else f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 0.45 * (bars[-1][0] + 1) + 2.5), 2.8 * len(metrics) + 1.2),
                              squeeze=False, sharex=True)
@@ -112,6 +112,7 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
                 ax.bar(x, r["mean"].iloc[0], 0.85, yerr=r["std"].fillna(0).iloc[0], capsize=2, color=colour[method])
         ax.set_ylabel(f"{metric}\n({'higher' if higher_is_better(metric) else 'lower'} is better)", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
+
     def tick(bench: str, method: str) -> str:
         n = d[(d["benchmark"] == bench) & (d["method"] == method)]["n"]
         return f"{(labels or {}).get(method, method)} (n={int(n.max())})"

@@ -108,10 +108,15 @@ def append_record(record: dict, path: str | Path = RECORDS) -> bool:
     return False
 
 
+def current_match(record: dict, **key) -> bool:
+    """``record`` matches every ``key`` field and is not superseded."""
+    return not record.get("superseded") and all(record.get(k) == v for k, v in key.items())
+
+
 def recorded(records: list[dict], **key) -> bool:
     """Some record in ``records`` matches every ``key`` field and is not superseded: a superseded measurement does
     not count as done (it is measured again, as :func:`append_record` lets it be)."""
-    return any(not r.get("superseded") and all(r.get(k) == v for k, v in key.items()) for r in records)
+    return any(current_match(r, **key) for r in records)
 
 
 def supersede(note: str, path: str | Path = RECORDS, **where) -> int:
@@ -126,8 +131,7 @@ def supersede(note: str, path: str | Path = RECORDS, **where) -> int:
     unknown = sorted(set(where) - set(REQUIRED) - {"device"})
     if unknown:
         raise RecordError(f"unknown record field(s): {', '.join(unknown)}; fields: {', '.join(REQUIRED)}")
-    mark = lambda r: {**r, "superseded": note} if (  # noqa: E731
-        not r.get("superseded") and all(r.get(k) == v for k, v in where.items())) else None
+    mark = lambda r: {**r, "superseded": note} if current_match(r, **where) else None  # noqa: E731
     if not any(mark(r) for r in load_records(path)):
         raise RecordError(f"{path}: no current record matches {where}")
     return rewrite_jsonl(path, mark)

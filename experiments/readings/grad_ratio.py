@@ -80,7 +80,7 @@ def batch_inputs(cfg: RunConfig, module, vae, data: ImageData, step: int, timest
     gens = image_generators(tc.seed, step, range(step * tc.batch_size, (step + 1) * tc.batch_size))
     if cfg.backbone == "discrete":
         return quantize(x0, cfg.model.token_levels), module.sample_timesteps(gens), gens
-    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
+    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)  # drawn either way: the same noise follows
     if timestep is not None:
         timesteps = torch.full_like(timesteps, timestep)
     noise = randn_per_image(gens, x0.shape[1:], "cpu")
