@@ -57,9 +57,9 @@ class Borrow:
 
 
 # The readings compare each changed choice with the unconditional table's baseline and ConPreDiff, and the backbone
-# readings with the backbones table's current latent (and, once re-run under the backbones experiment, discrete) rows. The backbones table's discrete rows are the readings' vq-loss
-# runs: that reading changed the discrete presets' loss weighting to VQ-Diffusion's (the earlier per-token-mean
-# records are superseded), so the same runs serve both tables.
+# readings with the backbones table's latent and discrete rows where it has current ones. The backbones table's
+# discrete rows are the readings' vq-loss runs: that reading changed the discrete presets' loss weighting to
+# VQ-Diffusion's (the earlier per-token-mean records are superseded), so the same runs serve both tables.
 BORROWED = {
     "readings": [Borrow("unconditional", {"baseline": "baseline", "conprediff": "conprediff"}),
                  Borrow("backbones", {"baseline": "baseline", "conprediff": "conprediff"}, ("latent", "discrete"))],

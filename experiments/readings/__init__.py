@@ -58,7 +58,7 @@ PRESETS = [
 
 # The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
 # backbones table's discrete ones (whose rows are these runs); they keep the names they were recorded under.
-VQ_LOSS = _with(MINI_DISCRETE, diffusion={"discrete_loss": "vq_diffusion"})
+VQ_LOSS = _with(MINI_DISCRETE)  # a copy: MINI_DISCRETE already sets diffusion.discrete_loss=vq_diffusion
 # ‖∇θ λ L_context‖ / ‖∇θ L_point‖ on the backbone, median of 16 batches (python -m experiments.readings.grad_ratio,
 # results/readings/grad_ratio.jsonl): pixel UNet 0.41 at initialisation, 0.76 and 0.90 at steps 1,500 and 2,000
 # (seed 3); latent UNet 0.51 at initialisation, 2.15 at step 500 (seed 0, λ = 1). Matched to the pixel UNet's trained
