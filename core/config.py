@@ -70,9 +70,9 @@ class ContextConfig:
     # concatenated). The denoised inputs carry the context gradient to the UNet's output (continuous backbones).
     decoder_input: str = "features"
     # Clamp x0_hat to [-c, c] before forming the denoised input (0: no clamp) [choice]. Unclamped, the input
-    # mu~(x_t, x0_hat) is 31.6x as sensitive to the UNet's epsilon at t = 999 of the cosine schedule (alpha-bar 2.4e-9)
-    # as at t = 998 and about 10,000x as at t <= 500; DDPM and guided-diffusion clip x0_hat to [-1, 1] when they form
-    # this mean for sampling (clip_denoised).
+    # mu~(x_t, x0_hat) has |d mu~ / d epsilon| = 31.6 at t = 999 of the cosine schedule (alpha-bar 2.4e-9), 1.5 at
+    # t = 998 and 0.003-0.005 at t <= 500; DDPM and guided-diffusion clip x0_hat to [-1, 1] when they form this mean
+    # for sampling (clip_denoised).
     denoised_clip: float = 0.0
     latent_dim: int = 32
     hidden_dim: int = 64
