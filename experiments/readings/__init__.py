@@ -16,6 +16,11 @@ unconditional table's baseline and with its ConPreDiff row (same seeds, same pro
   ``reads-denoised-clip`` forms that estimate from x0_hat clamped to [-1, 1], as DDPM's sampler does
   (``context.denoised_clip=1``): unclamped, its gradient on the UNet at t = 999 of the cosine schedule is 361x
   the point loss's and nearly parallel, against 0.002-0.2x at t <= 900 (``grad_ratio.py --timesteps``).
+* ``decoder-full``: the context decoder and the points it decodes as the paper-scale presets have them (the
+  config's defaults: Gaussian dimension 32, two hidden layers of 64, every point's neighborhood), instead of the
+  mini's economy (16, one layer of 32, a random quarter of the points, an unbiased but noisier estimate of the
+  mean over points). Rules out a decoder too small to fit the neighborhood distributions (the paper's Theorem 4.1
+  needs a capable MLP) or a noisy context gradient as the cause.
 
 Two readings concern the other backbones of the backbones table (paper Figure 5), whose ConPreDiff rows are
 far worse than their baselines, and compare with that table's rows:
@@ -54,6 +59,7 @@ PRESETS = [
     _reading("reads-denoised", context={"decoder_input": "denoised"}),
     _reading("reads-features+denoised", context={"decoder_input": "features+denoised"}),
     _reading("reads-denoised-clip", context={"decoder_input": "denoised", "denoised_clip": 1.0}),
+    _reading("decoder-full", context={"latent_dim": 32, "hidden_dim": 64, "depth": 2, "point_fraction": 1.0}),
 ]
 
 # The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
