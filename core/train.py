@@ -63,8 +63,16 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# Keys that only say how a trained model is sampled: training never reads them, so a finished (or resumed) run may be
+# evaluated again under another sampler without --allow-config-change (samples and records are named by the sampler).
+SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "eta", "clip_sample", "guidance_scale",
+                                                  "sampling_dtype"))
+
+
 def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
-    """Refuse to resume a run whose saved config differs, listing the keys, unless allowed."""
+    """Refuse to resume a run whose saved config differs, listing the keys, unless allowed.
+
+    Differences in :data:`SAMPLING_KEYS` alone are allowed: they change no training step."""
     saved = run_dir / "config.yaml"
     if saved.exists():
         old = load_yaml(saved.read_text())
@@ -72,7 +80,7 @@ def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
             old = RunConfig.from_dict(old).to_dict()
         except ConfigError:
             pass
-        diff = config_diff(old, cfg.to_dict())
+        diff = [d for d in config_diff(old, cfg.to_dict()) if d.split(":")[0] not in SAMPLING_KEYS]
         if diff and not allow_change:
             raise ConfigError(
                 f"{run_dir} was started with a different config; differing keys:\n  " + "\n  ".join(diff)

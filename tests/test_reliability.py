@@ -110,3 +110,25 @@ def test_keys_added_to_the_schema_later_do_not_block_resume(tmp_path):
     check_config(tmp_path, RunConfig(), allow_change=False)
     with pytest.raises(ConfigError, match="train.steps: 3000 -> 5"):
         check_config(tmp_path, RunConfig.from_dict({"train": {"steps": 5}}), allow_change=False)
+
+
+def test_a_finished_run_may_be_sampled_again_with_another_sampler_but_not_trained_differently(tmp_path):
+    """Sampling keys change no training step: re-evaluating a run under DDPM-250 needs no --allow-config-change, while
+    any training key beside them is still refused (and named)."""
+    import yaml
+
+    from core.config import ConfigError, RunConfig
+    from core.train import SAMPLING_KEYS, check_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(RunConfig().to_dict()))
+    changes = [{"sampler": "ddpm", "sampling_steps": 250, "clip_sample": True, "guidance_scale": 2.0},
+               {"eta": 1.0, "sampling_dtype": "bf16"}]
+    assert {f"diffusion.{k}" for c in changes for k in c} == set(SAMPLING_KEYS)
+    for change in changes:
+        d = RunConfig().to_dict()
+        d["diffusion"].update(change)
+        check_config(tmp_path, RunConfig.from_dict(d), allow_change=False)
+    d["diffusion"]["beta_schedule"] = "squaredcos_cap_v2"
+    with pytest.raises(ConfigError, match="diffusion.beta_schedule") as err:
+        check_config(tmp_path, RunConfig.from_dict(d), allow_change=False)
+    assert "sampler" not in str(err.value)
