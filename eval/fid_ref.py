@@ -37,7 +37,8 @@ def build_reference(data: Path, name: str, device: str, batch_size: int = 64) ->
 
     files = sorted(p for p in Path(data).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not files:
-        raise FileNotFoundError(f"{data}: no images; prepare the dataset first (see the README's data section)")
+        raise FileNotFoundError(f"{data}: no images; prepare the dataset first (the README's \"Paper scale\" section, "
+                                "step 1: python -m experiments.data)")
     extractor = clean_fid_feature_extractor(device)
     feats = fid.get_files_features([str(f) for f in files], extractor, num_workers=0, batch_size=batch_size,
                                    device=torch.device(device), mode="clean", description=f"{name} ")
@@ -51,16 +52,20 @@ def build_reference(data: Path, name: str, device: str, batch_size: int = 64) ->
 def fetch_cleanfid_reference(dataset: str, resolution: int, split: str, name: str) -> Path:
     """clean-fid's precomputed ``mode="clean"`` statistics of ``dataset`` at ``resolution`` (``split`` as clean-fid
     names it, e.g. ffhq ``trainval70k``), saved as this benchmark's reference; needs a network the first time."""
+    import cleanfid
     from cleanfid.fid import get_reference_statistics
 
     from core.hub import can_download
 
     url = "https://www.cs.cmu.edu/~clean-fid/stats/"
+    file = f"{dataset}_clean_{split}_{resolution}.npz".lower()  # clean-fid's own name for the file and its folder
+    folder = Path(cleanfid.__file__).parent / "stats"
     try:
         mu, sigma = get_reference_statistics(dataset, resolution, mode="clean", split=split)
     except Exception as e:  # urllib errors, a missing file on the server
-        hint = "" if can_download(url) else " (offline: run this once on a machine with a network)"
-        raise FileNotFoundError(f"clean-fid statistics {dataset}/{split}/{resolution} from {url}: {e}{hint}") from e
+        hint = "" if can_download(url) else (f" (offline: run this once on a machine with a network, or copy {file} "
+                                             f"from {url} into {folder}/ by hand)")
+        raise FileNotFoundError(f"clean-fid statistics {dataset}/{split}/{resolution} ({url}{file}): {e}{hint}") from e
     out = reference_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, mu=mu, sigma=sigma, n=-1, files_sha256=f"clean-fid precomputed {dataset}_clean_{split}_{resolution}")
@@ -78,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.data is None) == (args.cleanfid is None):
         parser.error("give exactly one of --data (a prepared image folder) and --cleanfid (precomputed statistics)")
-    if args.cleanfid:
-        print(fetch_cleanfid_reference(args.cleanfid, args.resolution, args.cleanfid_split, args.name))
-    else:
-        print(build_reference(args.data, args.name, args.device))
+    try:  # a missing input is one line naming it, not a traceback
+        if args.cleanfid:
+            print(fetch_cleanfid_reference(args.cleanfid, args.resolution, args.cleanfid_split, args.name))
+        else:
+            print(build_reference(args.data, args.name, args.device))
+    except FileNotFoundError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -76,8 +77,9 @@ SMOKE = [
 ]
 
 
-def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
-    """The preset shrunk to seconds; paper presets get generated stand-ins for data and weights."""
+def smoke_config(preset: Preset, seed: int, workdir: Path, overrides: list[str] = ()) -> RunConfig:
+    """The preset shrunk to seconds; paper presets get generated stand-ins for data and weights. ``overrides`` (the
+    user's ``--set``) apply last, so they win over the shrinking."""
     d = preset.run_config(seed).to_dict()
     over = list(SMOKE)
     if preset.scale == "paper":
@@ -91,7 +93,15 @@ def smoke_config(preset: Preset, seed: int, workdir: Path) -> RunConfig:
     if d["model"].get("cross_attention_dim"):
         over += ["model.attention=[false,true]", "model.text_encoder=minilm", "model.text_encoder_revision=null",
                  "model.cross_attention_dim=384"]
-    return RunConfig.from_dict(apply_overrides(d, over))
+    return RunConfig.from_dict(apply_overrides(d, over + list(overrides)))
+
+
+def run_config(preset: Preset, seed: int, args: argparse.Namespace) -> RunConfig:
+    """The config one (preset, seed) run of this command trains: the preset's, shrunk at smoke scale, with ``--set``
+    applied last. Raises :class:`~core.config.ConfigError` (or ``ValueError`` for a malformed override)."""
+    if args.scale == "smoke":
+        return smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins", args.overrides)
+    return RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
 
 
 def make_fake_imagefolder(path: Path, channels: int, n: int = 16) -> Path:
@@ -387,6 +397,12 @@ def main(
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
     home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
     tasks = [(preset, seed) for preset in chosen for seed in seeds]
+    configs = {}  # every run's config, resolved and validated before any compute: one line per bad --set
+    for preset, seed in tasks:
+        try:
+            configs[preset.name, seed] = run_config(preset, seed, args)
+        except ValueError as e:  # ConfigError too
+            parser.error(f"{preset.name}: {e}")
     if args.scale != "smoke":  # sample counts every metric can use, before any training
         from eval.metrics import check_num_samples
 
@@ -398,10 +414,10 @@ def main(
     if args.check or args.scale == "paper":
         from .preflight import report
 
-        configs = [(p, RunConfig.from_dict(apply_overrides(p.run_config(seeds[0]).to_dict(), args.overrides)))
-                   for p in chosen] if args.scale != "smoke" else []
-        ok, text = report(experiment, configs, paper=args.scale == "paper")
-        print(text, flush=True)
+        checked = [(p, configs[p.name, seeds[0]]) for p in chosen] if args.scale != "smoke" else []
+        ok, text = report(experiment, checked, paper=args.scale == "paper", check_only=args.check)
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one report, not one per process
+            print(text, flush=True)
         if not ok:
             raise SystemExit(1)
         if args.check:
@@ -419,12 +435,11 @@ def main(
         tasks = []
     for preset, seed in tasks:
         t0 = time.time()
+        cfg = configs[preset.name, seed]
         if args.scale == "smoke":
-            cfg = smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins")
             run_dir = args.runs_dir / "smoke" / f"{preset.name}-s{seed}"
             num_samples = 8  # enough for k-NN precision/recall (k = 3)
         else:
-            cfg = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
             run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
             num_samples = args.num_samples or preset.num_samples
         print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)

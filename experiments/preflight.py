@@ -176,13 +176,16 @@ def preflight(experiment: str, presets_and_configs: list[tuple], paper: bool = T
     return [f"{text}\n    needed by: {', '.join(dict.fromkeys(names))}" for text, names in seen.items()]
 
 
-def report(experiment: str, presets_and_configs: list[tuple], paper: bool = True) -> tuple[bool, str]:
-    """``(ok, text)``: all inputs present, or every missing one with its fix."""
+def report(experiment: str, presets_and_configs: list[tuple], paper: bool = True, check_only: bool = False
+           ) -> tuple[bool, str]:
+    """``(ok, text)``: all inputs present, or every missing one with its fix (``check_only``: the command was
+    ``--check``, so the text does not suggest adding it)."""
     if not presets_and_configs:
         return True, "preflight: nothing to check (smoke runs use generated stand-ins for data and weights)."
     missing = preflight(experiment, presets_and_configs, paper)
     names = ", ".join(p.name for p, _ in presets_and_configs)
     if not missing:
         return True, f"preflight: every input of {names} is present."
-    return False, (f"preflight: {len(missing)} input(s) missing for {names}; nothing was trained. Provide them "
-                   "and re-run (add --check to only check):\n" + "\n".join(missing))
+    advice = "Provide them and re-run." if check_only else "Provide them and re-run (add --check to only check)."
+    return False, (f"preflight: {len(missing)} input(s) missing for {names}; nothing was trained. {advice}\n"
+                   + "\n".join(missing))

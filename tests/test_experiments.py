@@ -77,6 +77,32 @@ def test_jobs_runs_presets_in_parallel_workers(tmp_path):
     assert bad.returncode == 2 and "--jobs must be >= 1" in bad.stderr
 
 
+def test_set_applies_at_every_scale_and_a_bad_one_is_one_line_before_any_compute(tmp_path, capsys):
+    """--set reaches smoke runs too (it was silently dropped there), and an unknown key, an impossible value or a
+    malformed override stops the command with one argparse line naming the preset, before any run directory exists."""
+    from experiments.common import main
+    from experiments.unconditional import PRESETS
+
+    base = ["--runs-dir", str(tmp_path / "runs")]
+    for scale, preset in (("smoke", "mini-digits16-baseline"), ("mini", "mini-digits16-conprediff"),
+                          ("paper", "paper-celebahq256-ldm4-baseline")):
+        for override, message in (("train.lrr=1", "unknown key(s) train.lrr"), ("train.lr=-1", "train.lr: must be > 0"),
+                                  ("train.lr", "key.sub=value")):
+            with pytest.raises(SystemExit) as exit_:
+                main("unconditional", PRESETS, "", base + ["--scale", scale, "--presets", preset, "--set", override])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and f"error: {preset}: " in err and message in err, (scale, override, err)
+    assert not (tmp_path / "runs").exists()
+    ok = subprocess.run([sys.executable, "-m", "experiments.unconditional", *base, "--scale", "smoke", "--presets",
+                         "mini-digits16-baseline", "--set", "train.steps=2"], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "runs" / "smoke" / "mini-digits16-baseline-s0" / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 2  # the smoke shrinking says 3: the user's --set wins
+
+
 def test_checkpoint_confidence_probes_the_chosen_checkpoints_with_the_chosen_sampler(tmp_path):
     run_train(tmp_path, TINY + ["train.steps=4", "train.checkpoint_every=2"])
     probe = [sys.executable, "-m", "experiments.unconditional.checkpoint_confidence", str(tmp_path), "--samples", "4",

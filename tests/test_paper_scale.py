@@ -246,6 +246,24 @@ def test_every_paper_preset_stops_before_training_naming_every_missing_input(exp
         assert "evaluation prompts data/coco2014val_30k.jsonl" in out
 
 
+def test_the_preflight_report_is_printed_once_under_a_multi_process_launch(bare_machine, monkeypatch, capsys):
+    """`accelerate launch --num_processes 8` runs the command 8 times: only rank 0 prints the report (it was printed
+    8 times), every rank stops with status 1; with --check the report does not tell the user to add --check."""
+    import experiments.common as common
+    from experiments.unconditional import PRESETS
+
+    argv = ["--scale", "paper", "--presets", "paper-celebahq256-ldm4-baseline", "--runs-dir", str(bare_machine / "runs")]
+    for rank, check in (("1", []), ("0", []), ("0", ["--check"])):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            common.main("unconditional", PRESETS, "", argv + check)
+        out = capsys.readouterr().out
+        assert stop.value.code == 1
+        assert ("preflight:" in out) == (rank == "0")
+        if rank == "0":
+            assert ("add --check" in out) == (not check) and "Provide them and re-run" in out
+
+
 def test_check_passes_once_every_input_is_there(bare_machine, monkeypatch, capsys):
     """--check with a prepared folder, a local autoencoder, the Inception file and FID statistics: exit 0, no training."""
     import experiments.common as common

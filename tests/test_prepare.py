@@ -74,3 +74,34 @@ def test_coco_prepare_writes_captions_and_seeded_val_prompts(tmp_path):
     assert train.captions == [f"train image {i} caption 0" for i in range(4)]
     prompts = (tmp_path / "data" / "coco2014val_30k.jsonl").read_text().splitlines()
     assert len(prompts) == 8 and len(set(prompts)) == 8
+
+
+def test_a_missing_source_or_reference_input_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Every dataset's --src that does not exist says so (coco said a caption file was missing), and eval.fid_ref's
+    missing inputs (no images; offline clean-fid statistics, named with the file and its folder) end in one line."""
+    import pytest
+
+    import eval.fid_ref
+
+    for kind in ("celebahq", "ffhq", "coco"):
+        bad = prepare(kind, "--src", tmp_path / "nowhere", "--data", tmp_path / "data")
+        assert bad.returncode != 0 and f"{tmp_path / 'nowhere'}: no such directory" in bad.stderr, (kind, bad.stderr)
+        assert "Traceback" not in bad.stderr
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(eval.fid_ref, "REF_DIR", tmp_path / "fid_refs")
+    with pytest.raises(SystemExit) as exit_:
+        eval.fid_ref.main(["--data", str(tmp_path / "empty"), "--name", "x"])
+    assert exit_.value.code == 1 and "no images" in capsys.readouterr().err
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    import cleanfid.fid
+
+    monkeypatch.setattr(cleanfid.fid, "get_reference_statistics", offline)
+    monkeypatch.setattr("core.hub.can_download", lambda url: False)
+    with pytest.raises(SystemExit) as exit_:
+        eval.fid_ref.main(["--cleanfid", "ffhq", "--name", "ffhq256"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "ffhq_clean_trainval70k_256.npz" in err and "cleanfid" in err and "offline" in err
+    assert not (tmp_path / "fid_refs").exists()

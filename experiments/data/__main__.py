@@ -76,6 +76,8 @@ def check_count(kind: str, n: int, allow: bool) -> None:
 
 
 def coco(src: Path, data: Path, size: int, allow: bool) -> None:
+    if not src.is_dir():
+        raise SystemExit(f"{src}: no such directory")
     for split in ("train", "val"):
         ann = src / "annotations" / f"captions_{split}2014.json"
         if not ann.exists():
