@@ -9,7 +9,8 @@ Example::
     # GPUs:
     accelerate launch --multi_gpu --num_processes 8 -m core.train --config ... --run-dir ...
 
-The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit),
+The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit; both as training last
+wrote them: invoking a finished run again, e.g. to sample it differently, leaves them),
 ``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically) and,
 when training ends, ``pipeline/``: the EMA UNet and scheduler in diffusers layout, without the
 context decoder, with ``provenance.json`` naming the checkpoint it was exported from (a run continued
@@ -290,7 +291,7 @@ def train(
         accelerator.load_state(str(path))
         ema.to(device)  # load_state leaves the EMA weights where torch.load put them (CPU)
         log(f"resumed from {path} (step {start})")
-    if main:
+    if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_atomic(run_dir / "env.json", json.dumps({
             **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,

@@ -51,6 +51,20 @@ def test_run_directory_artifacts(straight):
     assert env["packages"]["diffusers"] and env["git_commit"]
 
 
+def test_a_finished_run_invoked_again_keeps_what_it_was_trained_with(straight, tmp_path):
+    """Re-running a finished run (as the runners do before sampling it with another sampler) trains nothing and leaves
+    its config.yaml, env.json and stats.jsonl as training wrote them (they were rewritten by the no-op resume)."""
+    import shutil
+
+    run_dir, overrides = straight
+    copy = tmp_path / "again"
+    shutil.copytree(run_dir, copy)
+    before = {f: (copy / f).read_bytes() for f in ("config.yaml", "env.json", "stats.jsonl")}
+    run_train(copy, overrides + ["diffusion.sampler=ddpm", "diffusion.sampling_steps=7"])
+    assert {f: (copy / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
 def test_export_is_a_stock_pipeline_with_baseline_parameter_count(straight):
     from diffusers import DDPMPipeline
 
