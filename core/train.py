@@ -103,6 +103,22 @@ def process_shares(cfg: RunConfig, world: int) -> list[int]:
     return [micro // world + (r < micro % world) for r in range(world)]
 
 
+def sticky_shared(before: bool | None, now: bool | None) -> bool | None:
+    """Whether a run's training shared the machine, over its segments: True once any segment did, False while every
+    segment is known not to have, None (unknown) otherwise. ``before``: the earlier segments' (False for none)."""
+    if True in (before, now):
+        return True
+    return False if (before, now) == (False, False) else None
+
+
+def trained_alone(run_dir: Path) -> bool | None:
+    """``env.json``'s ``shared_device`` negated: True if the run trained with the machine to itself, None if unknown
+    (runs trained before the flag existed)."""
+    env = run_dir / "env.json"
+    shared = json.loads(env.read_text()).get("shared_device") if env.exists() else None
+    return None if shared is None else not shared
+
+
 def check_precision(cfg: RunConfig, device: str, native_amp: bool | None = None) -> None:
     """Refuse a ``train.mixed_precision`` that accelerate accepts but would not apply: fp16 on the CPU trains in
     fp32 (checked before the ``Accelerator`` exists), or any setting its ``native_amp`` says it does not apply."""
@@ -218,13 +234,16 @@ def atomic_dir(out_dir: Path):
 
 def train(
     cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None,
-    report_to: str = "none",
+    report_to: str = "none", shared_device: bool | None = None,
 ) -> Path:
     """Train (or resume) the run in ``run_dir``; returns the exported pipeline folder.
 
     ``stop_after`` ends this invocation after that many optimizer steps without finishing the run
     (as an interruption would); the next call resumes. ``report_to`` (``none | tensorboard | wandb``, or an
     accelerate ``GeneralTracker``) also sends each ``stats.jsonl`` row to that tracker (:mod:`core.tracking`).
+    ``shared_device``: whether other jobs share the machine while this invocation trains (None: not known); kept in
+    ``env.json`` and sticky across resumes (any shared segment makes it True), so that a later evaluation knows
+    whether ``stats.jsonl``'s step times timed the contention (:func:`trained_alone`).
     """
     run_dir = Path(run_dir)
     launcher_precision = check_launcher_precision(cfg)
@@ -293,7 +312,9 @@ def train(
         log(f"resumed from {path} (step {start})")
     if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_atomic(run_dir / "env.json", json.dumps({
+        env_file = run_dir / "env.json"
+        before = json.loads(env_file.read_text()).get("shared_device") if start and env_file.exists() else False
+        write_atomic(env_file, json.dumps({"shared_device": sticky_shared(before if start else False, shared_device),
             **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
             "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
             "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,

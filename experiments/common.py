@@ -40,7 +40,7 @@ from core.models import sampler_name
 from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
-from core.train import train
+from core.train import train, trained_alone
 from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records, recorded
 
 
@@ -345,7 +345,9 @@ def main(
     parser.add_argument("--records", type=Path, help=f"records file (default {RECORDS.relative_to(ROOT)}; smoke: in runs-dir)")
     parser.add_argument("--num-samples", type=int, help="override the preset's number of evaluation samples")
     parser.add_argument("--shared-device", action="store_true",
-                        help="other runs share this machine at the same time: record no step_time_s (it would time the contention)")
+                        help="other runs share this machine at the same time: record no step_time_s (it would time the contention); "
+                             "kept in each run's env.json, so a later evaluation of a run trained this way records "
+                             "none either")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every preset (recorded in the run's config.yaml)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -445,8 +447,10 @@ def main(
         print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
         if preset.prepare is not None and args.scale != "smoke":
             preset.prepare()
-        train(cfg, run_dir, report_to=args.report_to)
-        evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records, step_time=not args.shared_device)
+        train(cfg, run_dir, report_to=args.report_to, shared_device=args.shared_device)
+        alone = trained_alone(run_dir)  # step times are the training's: they are valid if it had the machine alone
+        evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records,
+                 step_time=(not args.shared_device) if alone is None else alone)
         if args.scale != "smoke":
             keep_artifacts(experiment, run_dir, home / "results")
         print(f"== done in {time.time() - t0:.0f} s", flush=True)

@@ -103,6 +103,38 @@ def test_set_applies_at_every_scale_and_a_bad_one_is_one_line_before_any_compute
     assert saved["train"]["steps"] == 2  # the smoke shrinking says 3: the user's --set wins
 
 
+def test_step_time_is_recorded_only_for_runs_that_trained_with_the_machine_to_themselves(tmp_path):
+    """step_time_s is the training's: a run trained beside others (--shared-device, as every --jobs worker) records
+    none, and neither does a later evaluation of it under another sampler without the flag (it did: the median of
+    the contended steps, under the new sampler's key). A run trained alone keeps it when re-sampled while shared."""
+    import yaml
+
+    from core.train import sticky_shared
+
+    assert [sticky_shared(b, n) for b, n in ((False, False), (False, True), (True, False), (None, False),
+                                             (False, None))] == [False, True, True, None, None]
+
+    def run(preset, *extra):
+        proc = subprocess.run([sys.executable, "-m", "experiments.unconditional", "--scale", "smoke", "--presets", preset,
+                               "--runs-dir", str(tmp_path), *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("mini-digits16-baseline", "--shared-device")
+    run("mini-digits16-conprediff")
+    for preset in ("mini-digits16-baseline", "mini-digits16-conprediff"):  # re-sampled: DDIM-3 instead of the smoke's 2
+        run(preset, "--set", "diffusion.sampling_steps=3", *(["--shared-device"] if "conprediff" in preset else []))
+    records = [json.loads(l) for l in (tmp_path / "smoke-records.jsonl").read_text().splitlines()]
+    timed = {(r["preset"], r["sampler"]) for r in records if r["metric"] == "step_time_s"}
+    assert timed == {("mini-digits16-conprediff", "ddim-2-noclip"), ("mini-digits16-conprediff", "ddim-3-noclip")}
+    assert {(r["preset"], r["sampler"]) for r in records if r["metric"] == "fd_digits"} == {
+        (p, s) for p in ("mini-digits16-baseline", "mini-digits16-conprediff") for s in ("ddim-2-noclip", "ddim-3-noclip")}
+    env = json.loads((tmp_path / "smoke" / "mini-digits16-baseline-s0" / "env.json").read_text())
+    assert env["shared_device"] is True
+    cfg = yaml.safe_load((tmp_path / "smoke" / "mini-digits16-baseline-s0" / "config.yaml").read_text())
+    assert cfg["diffusion"]["sampling_steps"] == 2  # as trained: re-sampling rewrote nothing
+
+
 def test_checkpoint_confidence_probes_the_chosen_checkpoints_with_the_chosen_sampler(tmp_path):
     run_train(tmp_path, TINY + ["train.steps=4", "train.checkpoint_every=2"])
     probe = [sys.executable, "-m", "experiments.unconditional.checkpoint_confidence", str(tmp_path), "--samples", "4",
