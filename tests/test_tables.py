@@ -241,6 +241,20 @@ def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tm
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "superseded"}) + "\n" for r in recs))
     with pytest.raises(ValueError, match="more than one current sampler"):
         write_figures(path, tmp_path / "figs")
+    # a table no bar figure draws may hold two current sampler blocks (unconditional's DDIM-50 and DDPM-250)
+    path.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "superseded"},
+                                        "experiment": "unconditional"}) + "\n" for r in recs))
+    write_figures(path, tmp_path / "figs")
+
+
+def test_committed_figures_are_drawn_from_the_committed_records(tmp_path):
+    """`python -m eval.figures` works on results/records.jsonl and draws every committed figure (it refused once the
+    unconditional table gained a second current sampler block, and no test noticed)."""
+    from eval.figures import write_figures
+    from eval.records import RECORDS, ROOT
+
+    made, _ = write_figures(RECORDS, tmp_path)
+    assert {p.name for p in made} == {p.name for p in (ROOT / "figures").glob("*.png")}
 
 
 def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
