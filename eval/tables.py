@@ -103,8 +103,8 @@ EXTRA_COMPARISONS = {
     "decoding_ablation": [("conprediff", "explicit"), ("sinkhorn", "conprediff")],
     "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
     "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
-                                             "reads-features+denoised", "reads-denoised-clip", "lambda-matched",
-                                             "lambda-0.1")]
+                                             "reads-features+denoised", "reads-denoised-clip", "decoder-full",
+                                             "lambda-matched", "lambda-0.1")]
     + [("reads-denoised-clip", "reads-denoised"), ("conprediff-vq-loss", "baseline-vq-loss")],
 }
 

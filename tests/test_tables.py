@@ -257,6 +257,18 @@ def test_committed_figures_are_drawn_from_the_committed_records(tmp_path):
     assert {p.name for p in made} == {p.name for p in (ROOT / "figures").glob("*.png")}
 
 
+def test_every_reading_is_tested_against_conprediff():
+    """A reading changes one of ConPreDiff's choices, so its table must test it against ConPreDiff as well as the
+    baseline: a reading added to experiments/readings without an EXTRA_COMPARISONS entry fails here."""
+    from eval.tables import EXTRA_COMPARISONS
+    from experiments.readings import PRESETS
+
+    against = {m for m, ref in EXTRA_COMPARISONS["readings"] if ref == "conprediff"}
+    own_arms = {"baseline-vq-loss", "conprediff-vq-loss"}  # the discrete readings re-run both arms: tested as a pair
+    assert {p.method for p in PRESETS} - own_arms <= against
+    assert ("conprediff-vq-loss", "baseline-vq-loss") in EXTRA_COMPARISONS["readings"]
+
+
 def test_committed_tables_are_regenerated_from_committed_records(tmp_path):
     """tables/ is exactly what `python -m eval.tables` makes of results/records.jsonl (no hand edits)."""
     from eval.records import RECORDS, ROOT
