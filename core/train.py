@@ -313,8 +313,10 @@ def train(
     if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         env_file = run_dir / "env.json"
-        before = json.loads(env_file.read_text()).get("shared_device") if start and env_file.exists() else False
-        write_atomic(env_file, json.dumps({"shared_device": sticky_shared(before if start else False, shared_device),
+        before = False  # no earlier segment; resuming, what the earlier ones recorded (None: unknown, older runs)
+        if start:
+            before = json.loads(env_file.read_text()).get("shared_device") if env_file.exists() else None
+        write_atomic(env_file, json.dumps({"shared_device": sticky_shared(before, shared_device),
             **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
             "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
             "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
