@@ -111,12 +111,11 @@ def sticky_shared(before: bool | None, now: bool | None) -> bool | None:
     return False if (before, now) == (False, False) else None
 
 
-def trained_alone(run_dir: Path) -> bool | None:
-    """``env.json``'s ``shared_device`` negated: True if the run trained with the machine to itself, None if unknown
-    (runs trained before the flag existed)."""
+def recorded_shared(run_dir: Path) -> bool | None:
+    """``env.json``'s ``shared_device``: whether the run's training shared the machine, None if unknown (no env.json,
+    or a run trained before the flag existed)."""
     env = run_dir / "env.json"
-    shared = json.loads(env.read_text()).get("shared_device") if env.exists() else None
-    return None if shared is None else not shared
+    return json.loads(env.read_text()).get("shared_device") if env.exists() else None
 
 
 def check_precision(cfg: RunConfig, device: str, native_amp: bool | None = None) -> None:
@@ -243,7 +242,7 @@ def train(
     accelerate ``GeneralTracker``) also sends each ``stats.jsonl`` row to that tracker (:mod:`core.tracking`).
     ``shared_device``: whether other jobs share the machine while this invocation trains (None: not known); kept in
     ``env.json`` and sticky across resumes (any shared segment makes it True), so that a later evaluation knows
-    whether ``stats.jsonl``'s step times timed the contention (:func:`trained_alone`).
+    whether ``stats.jsonl``'s step times timed the contention (:func:`recorded_shared`).
     """
     run_dir = Path(run_dir)
     launcher_precision = check_launcher_precision(cfg)
@@ -312,11 +311,8 @@ def train(
         log(f"resumed from {path} (step {start})")
     if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        env_file = run_dir / "env.json"
-        before = False  # no earlier segment; resuming, what the earlier ones recorded (None: unknown, older runs)
-        if start:
-            before = json.loads(env_file.read_text()).get("shared_device") if env_file.exists() else None
-        write_atomic(env_file, json.dumps({"shared_device": sticky_shared(before, shared_device),
+        before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
+        write_atomic(run_dir / "env.json", json.dumps({"shared_device": sticky_shared(before, shared_device),
             **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
             "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
             "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,

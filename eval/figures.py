@@ -172,35 +172,34 @@ def samples(experiment: str, out: Path) -> Path | None:
     return _save(fig, out)
 
 
-# The experiments drawn as one bar per (method, metric) row: each row must have one current sampler. Other experiments
-# may keep several current sampler blocks side by side in their tables.
-BAR_EXPERIMENTS = ("decoding_ablation", "backbones", "stride_ablation", "weight_ablation", "readings")
-
-
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
     """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = with_borrowed(summarize([r for r in load_records(records_path) if not r.get("superseded")]))
-    drawn = summary[summary["experiment"].isin(BAR_EXPERIMENTS)]  # tables only (e.g. unconditional's DDPM-250 block)
-    twice = drawn[drawn.duplicated(["experiment", "scale", "benchmark", "method", "metric"], keep=False)]
-    if not twice.empty:  # a bar per row: two current samplers for one row would draw one of them silently
-        raise ValueError("rows measured with more than one current sampler (mark the older records superseded):\n"
-                         + twice[["experiment", "benchmark", "method", "metric", "sampler"]].to_string(index=False))
-    made, skipped = [], []
-    jobs = {
-        "decoding_efficiency.png": lambda p: decoding_efficiency(summary, p),
-        "backbones.png": lambda p: grouped(summary, "backbones", p, "Backbones with / without context prediction"),
-        "stride_ablation.png": lambda p: grouped(
+    bar_figures = {  # figure -> (the experiment it draws one bar per row of, how)
+        "decoding_efficiency.png": ("decoding_ablation", lambda p: decoding_efficiency(summary, p)),
+        "backbones.png": ("backbones", lambda p: grouped(summary, "backbones", p,
+                                                         "Backbones with / without context prediction")),
+        "stride_ablation.png": ("stride_ablation", lambda p: grouped(
             summary, "stride_ablation", p, "Stride sets",
             order=("strides-1", "strides-12", "conprediff", "strides-1234", "ring-123"),
-            labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"}),
-        "weight_ablation.png": lambda p: grouped(summary, "weight_ablation", p, "Context weight λ"),
-        "readings.png": lambda p: grouped(
+            labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"})),
+        "weight_ablation.png": ("weight_ablation", lambda p: grouped(summary, "weight_ablation", p, "Context weight λ")),
+        "readings.png": ("readings", lambda p: grouped(
             summary, "readings", p, "Readings",
             order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-denoised-clip",
                    "reads-features+denoised", "decoder-full", "lambda-matched", "lambda-0.1"),
-            labels={"conprediff": "conprediff (default choices)"}),
+            labels={"conprediff": "conprediff (default choices)"})),
     }
+    # A bar per row: two current samplers for one row would draw one of them silently. Tables no bar figure draws may
+    # keep several current sampler blocks side by side (unconditional's DDIM-50 and DDPM-250).
+    drawn = summary[summary["experiment"].isin({e for e, _ in bar_figures.values()})]
+    twice = drawn[drawn.duplicated(["experiment", "scale", "benchmark", "method", "metric"], keep=False)]
+    if not twice.empty:
+        raise ValueError("rows measured with more than one current sampler (mark the older records superseded):\n"
+                         + twice[["experiment", "benchmark", "method", "metric", "sampler"]].to_string(index=False))
+    made, skipped = [], []
+    jobs = {name: job for name, (_, job) in bar_figures.items()}
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):
         jobs[f"curves_{experiment}.png"] = lambda p, e=experiment: curves(e, p)
         jobs[f"samples_{experiment}.png"] = lambda p, e=experiment: samples(e, p)

@@ -40,7 +40,7 @@ from core.models import sampler_name
 from core.data import ImageData
 from core.runlog import read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
-from core.train import train, trained_alone
+from core.train import recorded_shared, train
 from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records, recorded
 
 
@@ -448,9 +448,9 @@ def main(
         if preset.prepare is not None and args.scale != "smoke":
             preset.prepare()
         train(cfg, run_dir, report_to=args.report_to, shared_device=args.shared_device)
-        alone = trained_alone(run_dir)  # step times are the training's: they are valid if it had the machine alone
+        shared = recorded_shared(run_dir)  # step times are the training's: valid if it had the machine to itself
         evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records,
-                 step_time=(not args.shared_device) if alone is None else alone)
+                 step_time=not (args.shared_device if shared is None else shared))
         if args.scale != "smoke":
             keep_artifacts(experiment, run_dir, home / "results")
         print(f"== done in {time.time() - t0:.0f} s", flush=True)
