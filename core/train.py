@@ -411,8 +411,26 @@ def train(
         log(f"exported {pipeline_dir} (checkpoint {last})"
             + (f", replacing the export of checkpoint {current}" if current is not None else ""))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator)
     return pipeline_dir
+
+
+def end_trackers(accelerator: Accelerator) -> None:
+    """Finish the run's trackers but keep the process group: ``Accelerator.end_training()`` also destroys it
+    (accelerate 1.15, SPEC section 6), and a runner samples and evaluates in the same processes after training,
+    behind barriers. The group ends with the command (:func:`end_distributed`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def end_distributed() -> None:
+    """Destroy the default process group, if one was started: the last call of a command, after its last
+    collective (a group left to the interpreter's exit makes torch warn, and a NCCL group can hang it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def clip_gradients(accelerator: Accelerator, module: torch.nn.Module, tc) -> dict[str, float]:
@@ -505,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config or (str(saved) if saved.exists() else None), args.overrides)
     train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after,
           report_to=args.report_to)
+    end_distributed()
 
 
 if __name__ == "__main__":

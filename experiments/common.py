@@ -454,7 +454,11 @@ def main(
         if args.scale != "smoke":
             keep_artifacts(experiment, run_dir, home / "results")
         print(f"== done in {time.time() - t0:.0f} s", flush=True)
-    if args.scale != "smoke" and not args.no_tables:
+    from core.train import end_distributed
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    end_distributed()  # after every run's last barrier; tables are rank 0's alone
+    if args.scale != "smoke" and not args.no_tables and main_process:
         from eval.tables import write_tables
 
         write_tables(records, home / "tables")
