@@ -218,3 +218,72 @@ class RunLog:
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+LOCK_FILE = ".lock"
+_held: dict[str, list] = {}  # run directories this process holds: path -> [descriptor, depth]
+
+
+class RunLock:
+    """One owner per run directory: an exclusive ``flock`` on ``<run_dir>/.lock``, held while a run trains, samples
+    or evaluates, and re-entrant within a process (the runner holds it around ``core.train.train``, which takes it
+    too). The OS releases it when the holder exits, however it exits, so a crashed run never blocks a later one.
+
+    A second process that wants the directory waits, saying once who holds it (the holder writes its host, pid,
+    command and start time into the file), or with ``wait=False`` raises :class:`RunLockedError` naming the holder.
+    ``enabled=False`` (the non-main processes of a multi-process launch: they follow the main one through barriers)
+    makes it a no-op.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, wait: bool = True,
+                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)):
+        self.path, self.enabled, self.wait, self.say = Path(run_dir) / LOCK_FILE, enabled, wait, say
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import socket
+
+        if not self.enabled:
+            return self
+        key = str(self.path.resolve())
+        if key in _held:
+            _held[key][1] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            if not self.wait:
+                os.close(fd)
+                raise RunLockedError(f"{self.path.parent} is in use by {holder}; wait for it to finish, or stop it "
+                                     "(a re-run resumes where it stopped)") from None
+            self.say(f"waiting for {self.path.parent}: in use by {holder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+        _held[key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        key = str(self.path.resolve())
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            fd = _held.pop(key)[0]
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it (``unknown`` if unreadable)."""
+        try:
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on {h['host']} since {h['since']} ({' '.join(h['argv'])})"
+        except (OSError, ValueError, KeyError):
+            return "another process (unknown)"
+
+
+class RunLockedError(RuntimeError):
+    """The run directory is held by another process (:class:`RunLock` with ``wait=False``)."""

@@ -42,7 +42,7 @@ from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import (ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image,
                         uniform_timesteps)
-from .runlog import RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
+from .runlog import RunLock, RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
 from .tracking import accelerator_kwargs, start_tracking
 
 CHECKPOINTS = "checkpoints"
@@ -68,6 +68,38 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # evaluated again under another sampler without --allow-config-change (samples and records are named by the sampler).
 SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "eta", "clip_sample", "guidance_scale",
                                                   "sampling_dtype"))
+
+
+# Keys that change neither a training step nor the trained weights: the run's name, how it is sampled, how often it
+# logs and keeps checkpoints (resume is exact), how many DataLoader workers read (every draw is keyed by image index).
+NON_TRAINING_KEYS = SAMPLING_KEYS + ("name", "train.log_every", "train.checkpoint_every",
+                                     "train.checkpoints_total_limit", "data.num_workers")
+
+
+def training_config(cfg: RunConfig) -> dict:
+    """``cfg`` as a flat ``{dotted key: value}`` of what decides the trained model (:data:`NON_TRAINING_KEYS` out)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    return {k: v for k, v in flat(cfg.to_dict()).items() if k not in NON_TRAINING_KEYS}
+
+
+def training_config_sha256(cfg: RunConfig) -> str:
+    """sha256 (16 hex digits) of :func:`training_config`, canonical JSON: the identity of what was trained, recorded
+    with every measurement of the run (``eval.records``, field ``train_config_sha256``)."""
+    import hashlib
+
+    text = json.dumps(training_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def training_overrides(base: RunConfig, cfg: RunConfig) -> dict:
+    """The training keys where ``cfg`` differs from ``base`` (a preset's own config), with ``cfg``'s values."""
+    a, b = training_config(base), training_config(cfg)
+    return {k: b.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
@@ -245,6 +277,12 @@ def train(
     whether ``stats.jsonl``'s step times timed the contention (:func:`recorded_shared`).
     """
     run_dir = Path(run_dir)
+    with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # one owner per run directory
+        return _train(cfg, run_dir, allow_config_change, stop_after, report_to, shared_device)
+
+
+def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after: int | None, report_to: str,
+           shared_device: bool | None) -> Path:
     launcher_precision = check_launcher_precision(cfg)
     check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,

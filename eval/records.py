@@ -62,6 +62,17 @@ def device() -> str:
 
 # Optional: "device" (filled by make_record); "superseded", a note on why a record no longer counts
 # (tables show such records in their own labelled blocks, figures leave them out).
+#
+# Which trained model a record measured (records made since 2026-12-02):
+# - "train_config_sha256": core.train.training_config_sha256 of the run's resolved config (sampling, logging and
+#   checkpointing keys left out: they change no weight);
+# - "weights_sha256": the exported pipeline's files hash (its provenance.json: EMA weights, scheduler, autoencoder);
+# - "overrides": {dotted key: value} of the training keys where the run differs from its preset's own config
+#   ({} for the preset as it is; at smoke scale, from the shrunk preset). Tables keep records with overrides out of
+#   the preset's rows (a pilot is never a paper row).
+# Records older than these fields measured their preset's own config (every committed record was made so): they
+# stand for a run with no overrides, whatever its weights (see :func:`same_model`).
+MODEL_FIELDS = ("train_config_sha256", "weights_sha256", "overrides")
 
 
 class RecordError(ValueError):
@@ -81,7 +92,7 @@ def make_record(**fields) -> dict:
 # What makes two records the same measurement: everything but the measured value and when, where and
 # with which code it was measured. A record with the same identity as one already in the file is
 # never appended again (a resumed evaluation re-measures nothing twice), unless that one is marked superseded.
-IDENTITY = tuple(k for k in REQUIRED if k not in ("value", "backend", "git_commit", "time"))
+IDENTITY = tuple(k for k in REQUIRED if k not in ("value", "backend", "git_commit", "time")) + MODEL_FIELDS[:2]
 
 
 def record_identity(record: dict) -> tuple:
@@ -108,9 +119,51 @@ def append_record(record: dict, path: str | Path = RECORDS) -> bool:
     return False
 
 
+def same_model(record: dict, model: dict) -> bool:
+    """Whether ``record`` measured the trained model ``model`` describes (any of :data:`MODEL_FIELDS`; given fields
+    only). A record older than those fields stands for its preset's own config: it matches a model with no
+    ``overrides`` (and not one whose ``overrides`` are unknown, i.e. absent from ``model``)."""
+    if not model:
+        return True
+    if "train_config_sha256" not in record:
+        return model.get("overrides") == {}
+    return all(record.get(k) == v for k, v in model.items())
+
+
 def current_match(record: dict, **key) -> bool:
-    """``record`` matches every ``key`` field and is not superseded."""
-    return not record.get("superseded") and all(record.get(k) == v for k, v in key.items())
+    """``record`` is not superseded, matches every ``key`` field, and measured the model that ``key``'s
+    :data:`MODEL_FIELDS` describe (:func:`same_model`)."""
+    model = {k: key.pop(k) for k in MODEL_FIELDS if k in key}
+    return (not record.get("superseded") and all(record.get(k) == v for k, v in key.items())
+            and same_model(record, model))
+
+
+class OtherModelError(RecordError):
+    """The records file already holds current measurements of another trained model for the same preset and seed."""
+
+
+def check_same_model(records: list[dict], model: dict, where: str | Path = RECORDS, **key) -> None:
+    """Raise :class:`OtherModelError` if a current record matching ``key`` (e.g. experiment, preset, seed, scale)
+    measured a model other than ``model`` (:func:`same_model`): its numbers would sit in one table row with this
+    model's. The message names the records and the two ways on (another ``--records``, or mark them superseded)."""
+    others = [r for r in records if current_match(r, **key) and not same_model(r, model)]
+    if not others:
+        return
+    groups: dict[tuple, int] = {}
+    for r in others:
+        g = (r.get("checkpoint"), r.get("sampler"), r.get("train_config_sha256", "preset's own config (legacy)"),
+             r.get("weights_sha256", "?"))
+        groups[g] = groups.get(g, 0) + 1
+    lines = "\n".join(f"  {n} record(s) at checkpoint {c}, {s}: train config {cf}, weights {w}"
+                      for (c, s, cf, w), n in groups.items())
+    mine = ", ".join(f"{k} {model[k]}" for k in ("train_config_sha256", "weights_sha256") if k in model)
+    overrides = model.get("overrides")
+    raise OtherModelError(
+        f"{where} already holds measurements of another trained model for "
+        + ", ".join(f"{k}={v}" for k, v in key.items()) + f":\n{lines}\nthis run: {mine}"
+        + (f" (training keys overridden: {overrides})" if overrides else "")
+        + f"\nUse another --records file, or mark those superseded: python -m eval.records supersede "
+        + " ".join(f"--where {k}={v}" for k, v in key.items()) + " --note 'why'")
 
 
 def recorded(records: list[dict], **key) -> bool:

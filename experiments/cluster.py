@@ -270,16 +270,19 @@ class RunWorker:
 
 
 def run_finished(experiment: str, preset: str, seed: int, scale: str, run_dir: Path, records: list[dict]) -> bool:
-    """The run is complete: its export holds the configured final step and a record of (experiment, preset, seed,
-    scale) measured that checkpoint exists, not superseded."""
+    """The run is complete: its export holds the configured final step and a current record of (experiment, preset,
+    seed, scale) measured that export (its weights hash; a record older than weights hashes counts too)."""
     from core.runlog import read_provenance
-    from eval.records import recorded
+    from eval.records import current_match
 
     steps = configured_steps(run_dir)
-    exported = (read_provenance(run_dir / "pipeline") or {}).get("checkpoint")
+    prov = read_provenance(run_dir / "pipeline") or {}
+    exported = prov.get("checkpoint")
     if steps is None or exported is None or exported < steps:
         return False
-    return recorded(records, experiment=experiment, preset=preset, seed=seed, scale=scale, checkpoint=exported)
+    key = dict(experiment=experiment, preset=preset, seed=seed, scale=scale, checkpoint=exported)
+    # a record of this export's weights, or one older than weights hashes (it stands for the preset's own config)
+    return any(current_match(r, **key) and r.get("weights_sha256") in (None, prov.get("sha256")) for r in records)
 
 
 def job_alive(launcher: str, folder: Path, job_id: str) -> bool:

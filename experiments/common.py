@@ -38,10 +38,11 @@ import torch
 from core.config import RunConfig, apply_overrides
 from core.models import sampler_name
 from core.data import ImageData
-from core.runlog import read_jsonl
+from core.runlog import RunLock, read_jsonl
 from core.sample import load_png, sample_pipeline, save_grid
-from core.train import recorded_shared, train
-from eval.records import RECORDS, ROOT, SCALES, append_record, cpu_cores, load_records, recorded
+from core.train import recorded_shared, train, training_overrides
+from eval.records import (RECORDS, ROOT, SCALES, RecordError, append_record, cpu_cores, load_records,
+                          recorded)
 
 
 @dataclass
@@ -59,6 +60,13 @@ class Preset:
     num_samples: int = 1000
     extra: dict = field(default_factory=dict)
     prepare: Callable[[], None] | None = None  # run before training at mini/paper scale (e.g. train an autoencoder)
+    # The run starts from the final checkpoint of this preset's run of the same seed (trained first if it is not):
+    # a longer budget of the same training (constant LR after warm-up, every draw keyed by step; tested equal to a
+    # straight run). Its records are its own (its config, its weights).
+    continues: str | None = None
+    # Further samplers each run is evaluated with after the config's own, as diffusion overrides of sampling keys only
+    # (core.train.SAMPLING_KEYS), e.g. {"sampler": "ddim", "sampling_steps": 50}: another block of the same models.
+    extra_samplers: tuple[dict, ...] = ()
 
     def run_config(self, seed: int) -> RunConfig:
         cfg = copy.deepcopy(self.config)
@@ -96,12 +104,62 @@ def smoke_config(preset: Preset, seed: int, workdir: Path, overrides: list[str] 
     return RunConfig.from_dict(apply_overrides(d, over + list(overrides)))
 
 
-def run_config(preset: Preset, seed: int, args: argparse.Namespace) -> RunConfig:
-    """The config one (preset, seed) run of this command trains: the preset's, shrunk at smoke scale, with ``--set``
-    applied last. Raises :class:`~core.config.ConfigError` (or ``ValueError`` for a malformed override)."""
+def run_config(preset: Preset, seed: int, args: argparse.Namespace, overrides: list[str] | None = None) -> RunConfig:
+    """The config one (preset, seed) run of this command trains: the preset's, shrunk at smoke scale, with
+    ``overrides`` (default ``--set``) applied last; ``overrides=[]`` gives the preset's own config at this scale.
+    Raises :class:`~core.config.ConfigError` (or ``ValueError`` for a malformed override)."""
+    overrides = args.overrides if overrides is None else overrides
     if args.scale == "smoke":
-        return smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins", args.overrides)
-    return RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), args.overrides))
+        return smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins", overrides)
+    return RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), overrides))
+
+
+def sampler_configs(preset: Preset, cfg: RunConfig) -> list[RunConfig]:
+    """``cfg`` and one copy per ``preset.extra_samplers`` entry (only sampling keys may differ; ValueError otherwise)."""
+    from core.train import SAMPLING_KEYS
+
+    out = [cfg]
+    for extra in preset.extra_samplers:
+        bad = sorted(f"diffusion.{k}" for k in extra if f"diffusion.{k}" not in SAMPLING_KEYS)
+        if bad:
+            raise ValueError(f"preset {preset.name}: extra_samplers may set sampling keys only, not {', '.join(bad)}")
+        d = cfg.to_dict()
+        d["diffusion"].update(extra)
+        out.append(RunConfig.from_dict(d))
+    return out
+
+
+def continue_from(source: Path, run_dir: Path, steps: int) -> None:
+    """Start ``run_dir`` from ``source``'s checkpoint at ``steps`` (hard links where the filesystem allows, else
+    copies; into a temporary folder renamed into place), with its ``stats.jsonl`` rows up to that step and its
+    ``env.json``. Does nothing once ``run_dir`` has a checkpoint. Raises FileNotFoundError if ``source`` holds no
+    checkpoint at ``steps``."""
+    import shutil
+
+    from core.train import CHECKPOINTS, list_checkpoints
+
+    if list_checkpoints(run_dir):
+        return
+    found = dict(list_checkpoints(source))
+    if steps not in found:
+        raise FileNotFoundError(f"{source} has no complete checkpoint at step {steps} to continue from "
+                                f"(has: {sorted(found) or 'none'})")
+    dst = run_dir / CHECKPOINTS / f"checkpoint-{steps}"
+    tmp = dst.with_name(f"tmp-continue-{steps}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(found[steps], tmp, copy_function=link)
+    rows = [r for r in read_jsonl(source / "stats.jsonl") if r["step"] <= steps]
+    (run_dir / "stats.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if (source / "env.json").exists():
+        shutil.copyfile(source / "env.json", run_dir / "env.json")
+    os.replace(tmp, dst)
 
 
 def make_fake_imagefolder(path: Path, channels: int, n: int = 16) -> Path:
@@ -156,19 +214,50 @@ def exported_checkpoint(run_dir: Path) -> int:
     return int(prov["checkpoint"])
 
 
+def trained_model(run_dir: Path, cfg: RunConfig, overrides: dict | None) -> dict:
+    """The record fields naming the model ``run_dir/pipeline`` holds (:data:`eval.records.MODEL_FIELDS`): the
+    training config's hash, the export's files hash (``provenance.json``), and the training keys overridden
+    against the preset (None: not known, e.g. a caller outside :func:`main`; then the field is left out)."""
+    from core.runlog import read_provenance
+    from core.train import training_config_sha256
+
+    prov = read_provenance(run_dir / "pipeline") or {}
+    model = {"train_config_sha256": training_config_sha256(cfg), "weights_sha256": prov.get("sha256")}
+    return model if overrides is None else {**model, "overrides": overrides}
+
+
+def record_key(experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, n_samples: int,
+               sampler: str, overrides: dict | None = None) -> dict:
+    """What a record of this run's evaluation is keyed on: the measurement (experiment, preset, seed, checkpoint,
+    sample count, scale, sampler) and the trained model (:func:`trained_model`). Raises
+    :class:`~eval.records.OtherModelError` from :func:`check_records` if records of another model stand there."""
+    return dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=exported_checkpoint(run_dir),
+                n_samples=n_samples, scale=scale, sampler=sampler, **trained_model(run_dir, cfg, overrides))
+
+
+def check_records(records: list[dict], key: dict, path: Path) -> None:
+    """Refuse to add this model's measurements beside current ones of another model of the same (experiment, preset,
+    seed, scale, checkpoint) in ``path`` (:func:`eval.records.check_same_model`)."""
+    from eval.records import MODEL_FIELDS, check_same_model
+
+    check_same_model(records, {k: key[k] for k in MODEL_FIELDS if k in key}, path,
+                     **{k: key[k] for k in ("experiment", "preset", "seed", "scale", "checkpoint")})
+
+
 def evaluate_unconditional(
     experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path,
     prompts: list[str] | None = None, labels: list[int] | None = None, step_time: bool = True,
+    overrides: dict | None = None,
 ) -> list[dict]:
     """Sample ``num_samples`` images (seeds 0..N-1) and record the proxy metrics (mini) or FID (paper).
 
     Text-to-image passes one prompt per seed (and, for digits, the label each prompt names -> ``prompt_acc``).
     ``step_time=False`` (runs that shared the machine) records no ``step_time_s``: it would measure the contention.
+    ``overrides``: the training keys this run overrides against its preset (recorded; :func:`trained_model`).
     """
     from eval.metrics import check_num_samples, small_sample_note
 
     check_num_samples(num_samples)
-    step = exported_checkpoint(run_dir)
     sampler = sampler_name(cfg.diffusion, cfg.backbone)
     from eval.context_stats import fd_context, metric_name as context_metric
 
@@ -176,9 +265,9 @@ def evaluate_unconditional(
                     context_metric())
     metric_names += ("step_time_s",) if step_time else ()
     metric_names += ("prompt_acc",) if labels is not None else ()
-    key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=num_samples,
-               scale=scale, sampler=sampler)
+    key = record_key(experiment, preset, cfg, run_dir, scale, num_samples, sampler, overrides)
     existing = load_records(records_path)
+    check_records(existing, key, records_path)
     missing = [m for m in metric_names if not recorded(existing, metric=m, **key)]
     if not missing:
         return []
@@ -256,6 +345,44 @@ def keep_artifacts(experiment: str, run_dir: Path, results: Path = ROOT / "resul
             shutil.copyfile(src, dst)
 
 
+def check_trained_models(experiment: str, tasks: list[tuple[Preset, int]], configs: dict, overrides: dict, scale: str,
+                         records: Path) -> None:
+    """Before any compute: raise :class:`~eval.records.OtherModelError` if ``records`` holds current measurements of
+    a (preset, seed) of this command made on a model trained with another config (another
+    ``train_config_sha256``, or a legacy record while this run overrides training keys). Another model of the same
+    config (a retrained draw) can only be told by its weights, after training (:func:`check_records`)."""
+    from core.train import training_config_sha256
+    from eval.records import check_same_model
+
+    existing = load_records(records)
+    for preset, seed in tasks:
+        model = {"train_config_sha256": training_config_sha256(configs[preset.name, seed]),
+                 "overrides": overrides[preset.name, seed]}
+        check_same_model(existing, model, records, experiment=experiment, preset=preset.name, seed=seed, scale=scale)
+
+
+def train_run(preset: Preset, seed: int, presets: list[Preset], args: argparse.Namespace) -> Path:
+    """Train (or resume) the run of (preset, seed) in ``args.runs_dir``; a preset that ``continues`` another starts,
+    when it has no checkpoint yet, from that preset's run of the same seed (trained first if needed, and so on down
+    its chain: :func:`continue_from`). Returns the run directory."""
+    from .cluster import run_dir_for
+
+    cfg, run_dir = run_config(preset, seed, args), run_dir_for(args.runs_dir, args.scale, preset.name, seed)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(run_dir, enabled=main_rank):
+        if preset.continues:
+            from core.train import list_checkpoints
+
+            if not list_checkpoints(run_dir):  # every process sees the same folder (main writes it after a barrier)
+                source = next(p for p in presets if p.name == preset.continues)
+                source_dir = train_run(source, seed, presets, args)
+                if main_rank:
+                    with RunLock(source_dir):
+                        continue_from(source_dir, run_dir, run_config(source, seed, args).train.steps)
+        train(cfg, run_dir, report_to=args.report_to, shared_device=args.shared_device)
+    return run_dir
+
+
 def worker_argv(args: argparse.Namespace, records: Path, shared_device: bool) -> list[str]:
     """The arguments every worker of a sweep gets besides ``--presets``/``--seeds`` (``--jobs`` and ``--launcher``)."""
     return ["--scale", args.scale, "--runs-dir", str(args.runs_dir.resolve()), "--records", str(records.resolve()),
@@ -294,7 +421,13 @@ def run_in_parallel(
     if args.scale != "smoke":  # shared preparations (an autoencoder) once, before workers could race to make them
         for prepare in dict.fromkeys(p.prepare for p, _ in tasks if p.prepare is not None):
             prepare()
-    longest_first = sorted(tasks, key=lambda t: -(t[0].expected_minutes or 0))
+    # runs that continue another start after it (shorter chains first), then the longest presets first
+    by_name = {p.name: p for p, _ in tasks}
+
+    def depth(p: Preset) -> int:
+        return 0 if p.continues is None or p.continues not in by_name else 1 + depth(by_name[p.continues])
+
+    longest_first = sorted(tasks, key=lambda t: (depth(t[0]), -(t[0].expected_minutes or 0)))
     watches = {(p.name, s): RunWatch(f"{p.name}-s{s}", run_dir_for(args.runs_dir, args.scale, p.name, s))
                for p, s in longest_first}
     board = ProgressBoard(list(watches.values()), args.progress_every)
@@ -398,13 +531,24 @@ def main(
     # Only runs recorded in the committed records file update results/ and tables/; any other
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
     home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
-    tasks = [(preset, seed) for preset in chosen for seed in seeds]
-    configs = {}  # every run's config, resolved and validated before any compute: one line per bad --set
+    tasks = list({(p.name, s): (p, s) for p in chosen for s in seeds}.values())  # --seeds 0,0: one run, not two
+    configs, overrides = {}, {}  # every run's config, resolved and validated before any compute: one line per bad --set
     for preset, seed in tasks:
         try:
             configs[preset.name, seed] = run_config(preset, seed, args)
         except ValueError as e:  # ConfigError too
             parser.error(f"{preset.name}: {e}")
+        overrides[preset.name, seed] = training_overrides(run_config(preset, seed, args, []), configs[preset.name, seed])
+        try:
+            sampler_configs(preset, configs[preset.name, seed])
+        except ValueError as e:
+            parser.error(str(e))
+        if preset.continues and preset.continues not in {p.name for p in presets}:
+            parser.error(f"{preset.name} continues {preset.continues!r}, which is not a preset of this experiment")
+    try:  # records of another trained model of the same preset and seed: refused before any compute
+        check_trained_models(experiment, tasks, configs, overrides, args.scale, records)
+    except RecordError as e:
+        parser.error(str(e))
     if args.scale != "smoke":  # sample counts every metric can use, before any training
         from eval.metrics import check_num_samples
 
@@ -424,6 +568,8 @@ def main(
             raise SystemExit(1)
         if args.check:
             return
+    from .cluster import run_dir_for
+
     if args.launcher:
         from .cluster import launch
 
@@ -438,19 +584,19 @@ def main(
     for preset, seed in tasks:
         t0 = time.time()
         cfg = configs[preset.name, seed]
-        if args.scale == "smoke":
-            run_dir = args.runs_dir / "smoke" / f"{preset.name}-s{seed}"
-            num_samples = 8  # enough for k-NN precision/recall (k = 3)
-        else:
-            run_dir = args.runs_dir / f"{preset.name}-s{seed}"  # shared by experiments using the same preset
-            num_samples = args.num_samples or preset.num_samples
+        run_dir = run_dir_for(args.runs_dir, args.scale, preset.name, seed)  # shared by experiments using the preset
+        # smoke: enough for k-NN precision/recall (k = 3)
+        num_samples = 8 if args.scale == "smoke" else args.num_samples or preset.num_samples
         print(f"== {experiment} / {preset.name} / seed {seed} -> {run_dir}", flush=True)
         if preset.prepare is not None and args.scale != "smoke":
             preset.prepare()
-        train(cfg, run_dir, report_to=args.report_to, shared_device=args.shared_device)
-        shared = recorded_shared(run_dir)  # step times are the training's: valid if it had the machine to itself
-        evaluate(experiment, preset, cfg, run_dir, args.scale, num_samples, records,
-                 step_time=not (args.shared_device if shared is None else shared))
+        with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # train, sample, evaluate: one owner
+            train_run(preset, seed, presets, args)
+            shared = recorded_shared(run_dir)  # step times are the training's: valid if it had the machine to itself
+            for sampling in sampler_configs(preset, cfg):
+                evaluate(experiment, preset, sampling, run_dir, args.scale, num_samples, records,
+                         step_time=not (args.shared_device if shared is None else shared),
+                         overrides=overrides[preset.name, seed])
         if args.scale != "smoke":
             keep_artifacts(experiment, run_dir, home / "results")
         print(f"== done in {time.time() - t0:.0f} s", flush=True)

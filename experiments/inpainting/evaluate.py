@@ -20,7 +20,7 @@ from core.masks import DEFAULT_MASKS_DIR, paper_masks
 from core.sample import load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
 from eval.records import append_record, load_records, recorded
 
-from ..common import Preset, exported_checkpoint, save_grid, tensor_hash
+from ..common import Preset, check_records, record_key, save_grid, tensor_hash
 
 METRICS = ("percep_digits", "mse_hole", "psnr_hole")
 
@@ -37,6 +37,7 @@ def metric_names(scale: str, cfg: RunConfig, channels: int) -> tuple[str, ...]:
 def evaluate_inpainting(
     experiment: str, preset: Preset, cfg: RunConfig, run_dir: Path, scale: str, num_samples: int, records_path: Path,
     step_time: bool = True,  # accepted for the common signature; inpainting trains nothing, so it times nothing
+    overrides: dict | None = None,
 ) -> list[dict]:
     from accelerate import PartialState
     from diffusers import DDPMScheduler
@@ -48,7 +49,6 @@ def evaluate_inpainting(
                          "allowed: 0 <= eta <= 1 (1 = ancestral, as RePaint)")
     n = opts["num_images"] if scale != "smoke" else 4
     steps, jump, resample = (opts["steps"], opts["jump_length"], opts["jump_n_sample"]) if scale != "smoke" else (4, 2, 2)
-    step = exported_checkpoint(run_dir)
     test_cfg = copy.deepcopy(cfg.data)
     test_cfg.split, test_cfg.num_examples = "test", n
     images = ImageData(test_cfg).images(range(n))
@@ -61,14 +61,15 @@ def evaluate_inpainting(
     wanted = metric_names(scale, cfg, images.shape[1])
     pipeline = pipeline_provenance(run_dir / "pipeline")
     existing = load_records(records_path)
+    run_key = record_key(experiment, preset, cfg, run_dir, scale, n, sampler, overrides)
+    check_records(existing, run_key, records_path)
     out = []
     for kind in MASK_KINDS:
         masks, kind_reference = None, reference
         if scale == "paper":  # RePaint's released mask files when present, else LaMa's thick/thin generator
             masks, mask_ref = paper_masks(kind, n, images.shape[-1], opts.get("masks_dir", DEFAULT_MASKS_DIR))
             kind_reference = reference.replace(f"masks v{MASK_VERSION}", mask_ref)
-        key = dict(experiment=experiment, preset=preset.name, seed=cfg.train.seed, checkpoint=step, n_samples=n,
-                   scale=scale, benchmark=f"{preset.benchmark}/{kind}", sampler=sampler, reference=kind_reference)
+        key = dict(run_key, benchmark=f"{preset.benchmark}/{kind}", reference=kind_reference)
         if all(recorded(existing, metric=m, **key) for m in wanted):
             continue
         if masks is None:

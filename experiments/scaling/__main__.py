@@ -1,0 +1,4 @@
+from ..common import main
+from . import PRESETS, __doc__
+
+main("scaling", PRESETS, __doc__)

@@ -1,0 +1,187 @@
+"""Issue 27's field reports (round 2), each as the repro that failed before its fix (tiny settings, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from core.runlog import read_jsonl
+from tests.conftest import ROOT
+
+# The issue's TINY settings.
+TINY = ["model.block_out_channels=[8,8]", "model.norm_num_groups=4", "train.batch_size=8", "diffusion.sampling_steps=2",
+        "train.log_every=1", "train.warmup_steps=1"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def sets(*overrides: str) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def runner(*argv: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.unconditional", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------- 1. a record names the trained model it measured
+
+
+@pytest.fixture(scope="module")
+def first_model(tmp_path_factory):
+    """The issue's first command: the mini baseline, 4 steps, recorded into R1/rec.jsonl."""
+    r1 = tmp_path_factory.mktemp("R1")
+    argv = ["--presets", "mini-digits16-baseline", "--runs-dir", str(r1), "--records", str(r1 / "rec.jsonl"),
+            "--num-samples", "8", *sets(*TINY, "train.steps=4", "train.checkpoint_every=2")]
+    runner(*argv)
+    return r1, argv
+
+
+def test_records_carry_the_model_they_measured(first_model):
+    from core.config import RunConfig, load_yaml
+    from core.runlog import read_provenance
+    from core.train import training_config_sha256
+
+    r1, _ = first_model
+    run = r1 / "mini-digits16-baseline-s0"
+    recs = read_jsonl(r1 / "rec.jsonl")
+    assert recs
+    cfg = RunConfig.from_dict(load_yaml((run / "config.yaml").read_text()))
+    for r in recs:
+        assert r["train_config_sha256"] == training_config_sha256(cfg)
+        assert r["weights_sha256"] == read_provenance(run / "pipeline")["sha256"]
+        assert r["overrides"] == {"model.block_out_channels": [8, 8], "model.norm_num_groups": 4,
+                                  "train.batch_size": 8, "train.steps": 4, "train.warmup_steps": 1}
+
+
+def test_another_trained_model_is_refused_before_compute(first_model, tmp_path):
+    r1, argv = first_model
+    before = (r1 / "rec.jsonl").read_text()
+    argv2 = [a if a != str(r1) else str(tmp_path / "R2") for a in argv] + sets("train.lr=0.05")
+    t0 = time.time()
+    proc = runner(*argv2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "another trained model" in proc.stderr and "train.lr" in proc.stderr and "supersede" in proc.stderr
+    assert not (tmp_path / "R2" / "mini-digits16-baseline-s0" / "checkpoints").exists(), "it trained first"
+    assert time.time() - t0 < 60
+    assert (r1 / "rec.jsonl").read_text() == before
+
+
+def test_sampling_keys_and_logging_keys_are_the_same_model():
+    from core.config import RunConfig, apply_overrides
+    from core.train import training_config_sha256
+
+    base = RunConfig.from_dict(apply_overrides({}, TINY))
+    same = RunConfig.from_dict(apply_overrides({"name": "other"}, TINY + [
+        "diffusion.sampler=ddpm", "diffusion.sampling_steps=250", "train.log_every=7", "train.checkpoint_every=3"]))
+    other = RunConfig.from_dict(apply_overrides({}, TINY + ["train.lr=0.05"]))
+    assert training_config_sha256(base) == training_config_sha256(same)
+    assert training_config_sha256(base) != training_config_sha256(other)
+
+
+def test_a_retrained_draw_of_the_same_config_is_refused_at_evaluation(first_model, tmp_path):
+    """Same config, other weights (a retrained draw on another machine): told apart by the export's hash."""
+    import shutil
+
+    from core.config import RunConfig, load_yaml
+    from eval.records import OtherModelError
+    from experiments.common import evaluate_unconditional
+    from experiments.unconditional import PRESETS
+
+    r1, _ = first_model
+    run = tmp_path / "run"
+    shutil.copytree(r1 / "mini-digits16-baseline-s0", run)
+    prov = json.loads((run / "pipeline" / "provenance.json").read_text())
+    (run / "pipeline" / "provenance.json").write_text(json.dumps({**prov, "sha256": "0" * 16}))
+    cfg = RunConfig.from_dict(load_yaml((run / "config.yaml").read_text()))
+    preset = next(p for p in PRESETS if p.name == "mini-digits16-baseline")
+    with pytest.raises(OtherModelError, match="weights"):
+        evaluate_unconditional("unconditional", preset, cfg, run, "mini", 8, r1 / "rec.jsonl", step_time=False)
+
+
+def test_legacy_records_stand_for_the_preset_config():
+    """Records older than the model fields measured their preset's own config."""
+    from eval.records import check_same_model, recorded, same_model
+
+    legacy = {"experiment": "unconditional", "preset": "p", "seed": 0, "scale": "mini", "checkpoint": 2000,
+              "metric": "fd_digits"}
+    assert same_model(legacy, {"train_config_sha256": "a", "weights_sha256": "b", "overrides": {}})
+    assert not same_model(legacy, {"train_config_sha256": "a", "weights_sha256": "b", "overrides": {"train.lr": 1}})
+    assert not same_model(legacy, {"weights_sha256": "b"})  # overrides unknown: not assumed to be the preset's
+    assert recorded([legacy], metric="fd_digits", checkpoint=2000, overrides={}, train_config_sha256="a")
+    with pytest.raises(ValueError, match="another trained model"):
+        check_same_model([legacy], {"train_config_sha256": "a", "overrides": {"train.lr": 1}}, "rec.jsonl",
+                         preset="p", seed=0)
+
+
+def test_committed_records_keep_their_tables(tmp_path):
+    """No committed table changes: the model fields are absent from every committed record, and the tables
+    regenerate byte for byte (tests/test_tables.py checks the latter for every table)."""
+    recs = read_jsonl(ROOT / "results" / "records.jsonl")
+    legacy = [r for r in recs if "train_config_sha256" not in r]
+    assert legacy, "committed records lost their legacy form"
+
+
+# ---------------------------------------------------------------- 2. one owner per run directory
+
+
+def test_duplicate_seeds_train_one_run(tmp_path):
+    runner("--presets", "mini-digits16-baseline", "--seeds", "0,0", "--jobs", "2", "--runs-dir", str(tmp_path),
+           "--records", str(tmp_path / "rec.jsonl"), "--num-samples", "8",
+           *sets(*TINY, "train.steps=6", "train.checkpoint_every=2"))
+    rows = read_jsonl(tmp_path / "mini-digits16-baseline-s0" / "stats.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 1
+
+
+def train_cmd(run_dir, *overrides):
+    return [sys.executable, "-m", "core.train", "--run-dir", str(run_dir), *sets(*TINY, "data.num_examples=64",
+                                                                                 *overrides)]
+
+
+def hold_lock(run):
+    """A process holding ``run``'s lock until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from core.runlog import RunLock; l = RunLock(sys.argv[2]).__enter__(); "
+                               "print('held', flush=True); time.sleep(600)", str(ROOT), str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_trainer_of_a_run_waits_for_the_first(tmp_path):
+    run = tmp_path / "run"
+    holder = hold_lock(run)
+    second = subprocess.Popen(train_cmd(run, "train.steps=4", "train.checkpoint_every=2"), cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = second.stderr.readline()
+    assert f"waiting for {run}: in use by pid {holder.pid}" in line
+    time.sleep(2)
+    assert not (run / "config.yaml").exists(), "it trained while another process held the run"
+    holder.kill()
+    holder.wait()
+    second.communicate(timeout=300)
+    assert second.returncode == 0
+    assert [r["step"] for r in read_jsonl(run / "stats.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_crashed_holder_leaves_no_lock(tmp_path):
+    from core.runlog import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    holder = hold_lock(run)
+    with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+        RunLock(run, wait=False).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with RunLock(run, wait=False), RunLock(run, wait=False):  # re-entrant within a process
+        pass
+    with RunLock(run, wait=False):
+        pass
