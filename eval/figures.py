@@ -10,7 +10,7 @@
   these four draw ``fd_digits`` and ``confident_digits``, one panel each;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
-Records marked ``superseded`` are left out. Figures without current records are skipped (listed, and
+Records marked ``superseded`` and pilot records (training keys overridden) are left out. Figures without current records are skipped (listed, and
 an older file of that name removed). Output is deterministic.
 """
 
@@ -175,7 +175,8 @@ def samples(experiment: str, out: Path) -> Path | None:
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
     """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = with_borrowed(summarize([r for r in load_records(records_path) if not r.get("superseded")]))
+    summary = with_borrowed(summarize([r for r in load_records(records_path)
+                                       if not r.get("superseded") and not r.get("overrides")]))  # no pilots
     bar_figures = {  # figure -> (the experiment it draws one bar per row of, how)
         "decoding_efficiency.png": ("decoding_ablation", lambda p: decoding_efficiency(summary, p)),
         "backbones.png": ("backbones", lambda p: grouped(summary, "backbones", p,

@@ -94,7 +94,9 @@ class TableError(ValueError):
 # A cell holds the records of one protocol: the same scale, sampler, training length (checkpoint), number of
 # samples and reference set. Records differing in any of these are never averaged together.
 PROTOCOL = ["checkpoint", "n_samples", "reference"]
-BLOCK = ["experiment", "scale", "superseded", "sampler", *PROTOCOL]
+# "pilot": records of a run whose training keys were overridden against its preset (their "overrides" field): never
+# one cell with the preset's own runs, and never in the paper-scale block beside the paper's numbers.
+BLOCK = ["experiment", "scale", "superseded", "pilot", "sampler", *PROTOCOL]
 CELL = [*BLOCK, "benchmark", "method", "metric"]
 ALPHA = 0.05
 # Comparisons beyond "each method vs the baseline": (method, reference method) pairs a table also tests,
@@ -129,6 +131,14 @@ def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([summary, *extra], ignore_index=True) if extra else summary
 
 
+def pilot_label(overrides) -> str:
+    """``""`` for a run of its preset's own config (or a record older than the ``overrides`` field), else the
+    overridden training keys, e.g. ``train.steps=3, train.batch_size=2``."""
+    if not isinstance(overrides, dict) or not overrides:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
 def summarize(records: list[dict]) -> pd.DataFrame:
     """One row per cell (``CELL``: experiment, scale, superseded, sampler, checkpoint, n_samples, reference,
     benchmark, method, metric): mean, std, n, seeds, the per-seed values and the devices.
@@ -142,6 +152,7 @@ def summarize(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(records)
     for optional in ("device", "superseded"):
         df[optional] = df[optional].fillna("") if optional in df else ""
+    df["pilot"] = [pilot_label(o) for o in (df["overrides"] if "overrides" in df else [None] * len(df))]
     twice = df[df.duplicated(CELL + ["seed"], keep=False)]
     if not twice.empty:
         shown = twice[["experiment", "preset", "seed", "checkpoint", "n_samples", "sampler", "metric", "value", "time"]]
@@ -300,7 +311,7 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str =
     lines += ["## Paper scale", "",
               "| Benchmark | Method | Metric | Paper | Paper's protocol | This repo (mean ± std, n) | Source |",
               "|---|---|---|---|---|---|---|"]
-    ours_paper = ours[(ours["scale"] == "paper") & ours["vs"].isin(["", BASELINE])]
+    ours_paper = ours[(ours["scale"] == "paper") & (ours["pilot"] == "") & ours["vs"].isin(["", BASELINE])]
     used = set()
     for r in p.sort_values(["benchmark", "method", "metric"]).itertuples(index=False):
         same = ours_paper[(ours_paper["benchmark"] == r.benchmark)
@@ -317,14 +328,19 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str =
     if p.empty and ours_paper.empty:
         lines.append("| n/a | n/a | n/a | n/a | | not run | the paper reports no values |")
     # Other scales, one block per protocol (current ones first): ours, with the comparison to the baseline.
-    for scale in sorted(set(ours["scale"]) - {"paper"}):
-        lines += ["", f"## Scale: {scale}"]
-        at_scale = ours[ours["scale"] == scale]
-        blocks = sorted(at_scale.groupby(BLOCK[2:], sort=False), key=lambda kv: (kv[0][0] != "", *map(str, kv[0])))
-        for (superseded, sampler, checkpoint, n_samples, reference), block in blocks:
+    # Paper-scale pilots (training overridden) come last, in blocks of their own.
+    pilots = ours[(ours["scale"] == "paper") & (ours["pilot"] != "")]
+    for scale in sorted(set(ours["scale"]) - {"paper"}) + (["paper"] if not pilots.empty else []):
+        lines += ["", f"## Scale: {scale}" + (" (pilot runs: not the paper presets' numbers)" if scale == "paper" else "")]
+        at_scale = pilots if scale == "paper" else ours[ours["scale"] == scale]
+        blocks = sorted(at_scale.groupby(BLOCK[2:], sort=False),
+                        key=lambda kv: (kv[0][0] != "", kv[0][1] != "", *map(str, kv[0])))
+        for (superseded, pilot, sampler, checkpoint, n_samples, reference), block in blocks:
             lines += ["", f"### Sampler `{sampler}`, {checkpoint:,} training steps, {n_samples:,} samples"
-                      + (" (superseded)" if superseded else ""), ""]
+                      + (" (superseded)" if superseded else "") + (" (pilot)" if pilot else ""), ""]
             lines += [f"Superseded: {superseded}", ""] if superseded else []
+            lines += [f"Pilot: trained with the preset's training keys overridden ({pilot}); not the preset's "
+                      "numbers.", ""] if pilot else []
             lines += [f"Reference set: {reference}.", "", *_devices(block),
                       "| Benchmark | Method | Metric | Paper | This repo (mean ± std, n) | Δ vs baseline [95% CI] "
                       "| p (test) | p Holm | Verdict |",
@@ -400,6 +416,8 @@ def write_tables(records_path: Path = RECORDS, out_dir: Path = ROOT / "tables", 
         csv = out_dir / f"{name}.csv"
         rows = summary[summary["experiment"] == name].copy()
         rows["values"] = rows["values"].map(lambda v: ";".join(f"{x:.6g}" for x in v.values()))
+        if (rows["pilot"] == "").all():  # the column only where a pilot is (the CSVs kept their columns before it)
+            rows = rows.drop(columns="pilot")
         rows.to_csv(csv, index=False, float_format="%.6g")
         written += [md, csv]
     verdicts = out_dir / "verdicts.md"
@@ -419,7 +437,8 @@ def render_verdicts(summary: pd.DataFrame, records: str) -> str:
              VERDICT_RULE, "",
              "| Table | Scale | Sampler, steps, samples | Benchmark | Method | vs | n | Better (p; Holm) | Worse (p; Holm) "
              "| Inconclusive |", "|---|---|---|---|---|---|---|---|---|---|"]
-    cur = summary[(summary["superseded"] == "") & (summary["vs"] != "") & (summary["metric"] != "step_time_s")]
+    cur = summary[(summary["superseded"] == "") & (summary["pilot"] == "") & (summary["vs"] != "")
+                  & (summary["metric"] != "step_time_s")]
     keys = ["experiment", "scale", "sampler", "checkpoint", "n_samples", "benchmark", "method", "vs"]
     for key, g in cur.groupby(keys, sort=False):
         exp, scale, sampler, ck, ns, bench, method, vs = key

@@ -185,3 +185,26 @@ def test_a_crashed_holder_leaves_no_lock(tmp_path):
         pass
     with RunLock(run, wait=False):
         pass
+
+
+# ---------------------------------------------------------------- issue 26.5: pilot runs never look like paper rows
+
+
+def test_a_pilot_paper_run_is_kept_out_of_the_paper_block(tmp_path):
+    """``--num-samples 4 --set train.steps=3`` on a paper preset recorded fid4_cleanfid 428.8 and the table printed
+    it in the paper-scale block as "this repository", beside the paper's number."""
+    from eval.tables import write_tables
+
+    base = dict(experiment="unconditional", benchmark="celebahq256", method="conprediff", scale="paper",
+                preset="paper-celebahq256-conprediff", seed=0, metric="fid4_cleanfid", value=428.8, n_samples=4,
+                checkpoint=3, ema=True, sampler="ddim-200-noclip", reference="r", backend="b", git_commit="x", time="t",
+                train_config_sha256="a", weights_sha256="b", overrides={"train.steps": 3, "train.batch_size": 2})
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(base) + "\n")
+    write_tables(path, tmp_path / "tables")
+    text = (tmp_path / "tables" / "unconditional.md").read_text()
+    paper_block = text.split("## Paper scale")[1].split("## Scale:")[0]
+    assert "428.8" not in paper_block
+    assert "## Scale: paper (pilot runs: not the paper presets' numbers)" in text
+    assert "Pilot: trained with the preset's training keys overridden (train.batch_size=2, train.steps=3)" in text
+    assert "428.8" in text.split("## Scale: paper (pilot")[1]
