@@ -172,6 +172,10 @@ class DiffusionConfig:
     clip_sample: bool = False
     # What the UNet computes in while sampling: fp32 | bf16 (autocast; the sampler name and sample folder say -bf16).
     sampling_dtype: str = "fp32"
+    # Images per sampling (and decoding, and RePaint) batch per process; 0: 256 on a GPU, 64 on the CPU. Either way a
+    # batch that runs out of GPU memory is split in halves and retried (core.sample.write_missing_pngs): every image
+    # depends on its seed alone, so this changes speed and memory, not the samples (up to float rounding).
+    sampling_batch: int = 0
     aux_weight: float = 5e-4  # backbone=discrete: weight of the auxiliary x0 cross-entropy (VQ-Diffusion)
     # backbone=discrete: how the per-step loss is weighted. vq_diffusion (every discrete preset): VQ-Diffusion's
     # _train_loss (L_t / p(t) with t importance-sampled once every t was seen > 10 times, aux weighted 2 - t/T),
@@ -187,6 +191,7 @@ class DiffusionConfig:
         _check(f"{p}.beta_start", 0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
         _check(f"{p}.eta", 0 <= self.eta <= 1, "must be in [0, 1]")
         _choice(f"{p}.sampling_dtype", self.sampling_dtype, SAMPLING_DTYPES)
+        _check(f"{p}.sampling_batch", self.sampling_batch >= 0, "must be >= 0 (0: 256 on a GPU, 64 on the CPU)")
         _choice(f"{p}.discrete_loss", self.discrete_loss, ("token_mean", "vq_diffusion"))
         _check(f"{p}.eta", self.eta == 0 or self.sampler == "ddim", "only the ddim sampler takes eta")
         _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,

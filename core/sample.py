@@ -121,7 +121,7 @@ def write_missing_pngs(
     mine = todo[state.process_index :: state.num_processes]
     for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc=f"writing {out_dir.name}"):
         batch = mine[i : i + batch_size]
-        for key, img in zip(batch, render(batch)):
+        for key, img in zip(batch, render_fitting(render, batch)):
             save_png(img, out_dir / f"{key:06d}.png")
     state.wait_for_everyone()
     paths = [out_dir / f"{k:06d}.png" for k in keys]
@@ -129,6 +129,26 @@ def write_missing_pngs(
     if missing:
         raise RuntimeError(f"{out_dir}: {len(missing)} PNG(s) missing after sampling, e.g. {', '.join(missing[:3])}")
     return paths
+
+
+def default_batch(device: torch.device | str) -> int:
+    """Images per sampling batch per process when ``diffusion.sampling_batch`` is 0: 256 on a GPU, 64 on the CPU."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
+def render_fitting(render: Callable[[list[int]], np.ndarray], batch: list[int]) -> np.ndarray:
+    """``render(batch)``, split in halves (recursively) when a batch runs out of GPU memory: each image depends on
+    its key alone, so the halves give the same images. A single image that does not fit raises the error."""
+    try:
+        return render(batch)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        warnings.warn(f"a sampling batch of {len(batch)} ran out of GPU memory; rendering it as {half} + "
+                      f"{len(batch) - half} (set diffusion.sampling_batch to choose the batch)", stacklevel=2)
+        return np.concatenate([render_fitting(render, batch[:half]), render_fitting(render, batch[half:])])
 
 
 def load_unet(pipeline_dir: Path):
@@ -221,7 +241,7 @@ def sample_pipeline(
 
     state = PartialState(cpu=not torch.cuda.is_available())
     out_dir, seeds = Path(out_dir), list(seeds)
-    batch_size = batch_size or (256 if state.device.type == "cuda" else 64)
+    batch_size = batch_size or default_batch(state.device)
     if (Path(pipeline_dir) / "discrete.json").exists():
         return sample_discrete(Path(pipeline_dir), out_dir, seeds, batch_size, state)
     unet = load_unet(Path(pipeline_dir)).to(state.device).eval()

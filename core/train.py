@@ -67,7 +67,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # Keys that only say how a trained model is sampled: training never reads them, so a finished (or resumed) run may be
 # evaluated again under another sampler without --allow-config-change (samples and records are named by the sampler).
 SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "eta", "clip_sample", "guidance_scale",
-                                                  "sampling_dtype"))
+                                                  "sampling_dtype", "sampling_batch"))
 
 
 # Keys that change neither a training step nor the trained weights: the run's name, how it is sampled, how often it

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -274,7 +275,8 @@ def evaluate_unconditional(
     paths = sample_pipeline(run_dir / "pipeline", run_dir / "samples" / sampler, range(num_samples),
                             cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
                             guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample,
-                            eta=cfg.diffusion.eta, dtype=cfg.diffusion.sampling_dtype)
+                            eta=cfg.diffusion.eta, dtype=cfg.diffusion.sampling_dtype,
+                            batch_size=cfg.diffusion.sampling_batch or None)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not
@@ -359,6 +361,26 @@ def check_trained_models(experiment: str, tasks: list[tuple[Preset, int]], confi
         model = {"train_config_sha256": training_config_sha256(configs[preset.name, seed]),
                  "overrides": overrides[preset.name, seed]}
         check_same_model(existing, model, records, experiment=experiment, preset=preset.name, seed=seed, scale=scale)
+
+
+def with_eval_options(preset: Preset, options: list[str]) -> Preset:
+    """A copy of ``preset`` whose ``extra`` (evaluation options) has ``KEY=VALUE`` overrides applied (values read as
+    YAML scalars). Raises ValueError for a malformed option or a key the preset does not have."""
+    import yaml
+
+    extra = dict(preset.extra)
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise ValueError(f"--eval {option!r}: expected KEY=VALUE")
+        if key not in preset.extra:
+            raise ValueError(f"--eval {key}: {preset.name} has no such evaluation option; it has: "
+                             f"{', '.join(sorted(preset.extra)) or 'none'}")
+        extra[key] = yaml.safe_load(value)
+        if type(extra[key]) is not type(preset.extra[key]) and not (
+                isinstance(preset.extra[key], float) and isinstance(extra[key], int)):
+            raise ValueError(f"--eval {option}: expected a {type(preset.extra[key]).__name__}")
+    return dataclasses.replace(preset, extra=extra)
 
 
 def train_run(preset: Preset, seed: int, presets: list[Preset], args: argparse.Namespace) -> Path:
@@ -477,6 +499,10 @@ def main(
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     parser.add_argument("--records", type=Path, help=f"records file (default {RECORDS.relative_to(ROOT)}; smoke: in runs-dir)")
     parser.add_argument("--num-samples", type=int, help="override the preset's number of evaluation samples")
+    parser.add_argument("--eval", dest="eval_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of a preset's evaluation options (its `extra`, e.g. inpainting's RePaint "
+                             "steps, jump_length, jump_n_sample, eta); unknown keys are refused. Sampling batch per "
+                             "process: --set diffusion.sampling_batch=N")
     parser.add_argument("--shared-device", action="store_true",
                         help="other runs share this machine at the same time: record no step_time_s (it would time the contention); "
                              "kept in each run's env.json, so a later evaluation of a run trained this way records "
@@ -527,6 +553,11 @@ def main(
         if unknown:
             parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from: {', '.join(p.name for p in presets)}")
         chosen = [p for p in chosen if p.name in wanted]
+    if args.eval_options:
+        try:
+            chosen = [with_eval_options(p, args.eval_options) for p in chosen]
+        except ValueError as e:
+            parser.error(str(e))
     records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
     # Only runs recorded in the committed records file update results/ and tables/; any other
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.

@@ -136,7 +136,7 @@ def repaint_masks_short(preset) -> list[Missing]:
     missing: LaMa's generator stands in, ``core.masks.paper_masks``)."""
     from core.masks import DEFAULT_MASKS_DIR, REPAINT_DIRS, list_repaint_masks, repaint_mask_folder
 
-    n, out = preset.extra.get("num_images", 100), []
+    n, out = preset.num_samples, []
     for kind in REPAINT_DIRS:
         folder = repaint_mask_folder(kind, preset.extra.get("masks_dir", DEFAULT_MASKS_DIR))
         if folder.is_dir() and len(list_repaint_masks(folder)) < n:

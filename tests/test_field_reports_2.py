@@ -208,3 +208,67 @@ def test_a_pilot_paper_run_is_kept_out_of_the_paper_block(tmp_path):
     assert "## Scale: paper (pilot runs: not the paper presets' numbers)" in text
     assert "Pilot: trained with the preset's training keys overridden (train.batch_size=2, train.steps=3)" in text
     assert "428.8" in text.split("## Scale: paper (pilot")[1]
+
+
+# ---------------------------------------------------------------- issue 26.2: evaluation size can be set
+
+
+def test_a_batch_out_of_gpu_memory_is_split_into_the_same_images():
+    import numpy as np
+    import torch
+
+    from core.sample import render_fitting
+
+    calls = []
+
+    def render(batch):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return np.stack([np.full((2, 2, 1), k, np.uint8) for k in batch])
+
+    with pytest.warns(UserWarning, match="ran out of GPU memory"):
+        out = render_fitting(render, list(range(7)))
+    assert out[:, 0, 0, 0].tolist() == list(range(7))
+    assert max(c for c in calls if c <= 2) == 2
+
+    def never(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        render_fitting(never, [0, 1])
+
+
+def test_sampling_batch_reaches_the_sampler(first_model, monkeypatch):
+    import core.sample
+    from core.config import RunConfig, apply_overrides, load_yaml
+    from experiments.common import evaluate_unconditional
+    from experiments.unconditional import PRESETS
+
+    r1, _ = first_model
+    run = r1 / "mini-digits16-baseline-s0"
+    seen = []
+    real = core.sample.write_missing_pngs
+    monkeypatch.setattr(core.sample, "write_missing_pngs", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    cfg = RunConfig.from_dict(apply_overrides(load_yaml((run / "config.yaml").read_text()),
+                                              ["diffusion.sampling_batch=3", "diffusion.sampler=ddpm"]))
+    preset = next(p for p in PRESETS if p.name == "mini-digits16-baseline")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate_unconditional("unconditional", preset, cfg, run, "mini", 8, r1 / "other-rec.jsonl", step_time=False,
+                               overrides={})
+    assert seen == [3]
+
+
+def test_inpainting_takes_its_image_count_and_repaint_settings_from_the_command():
+    from experiments.common import with_eval_options
+    from experiments.inpainting import PRESETS
+
+    p = next(p for p in PRESETS if p.name == "paper-celebahq256-pixel-conprediff")
+    assert p.num_samples == 100 and "num_images" not in p.extra
+    q = with_eval_options(p, ["steps=20", "jump_length=2", "eta=1"])
+    assert (q.extra["steps"], q.extra["jump_length"], q.extra["eta"]) == (20, 2, 1) and p.extra["steps"] == 250
+    for bad, message in (("stepz=3", "no such evaluation option"), ("steps=x", "expected a int"), ("steps", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            with_eval_options(p, [bad])

@@ -23,8 +23,11 @@ from ..unconditional import PAPER_PRECISION, PRESETS as UNCONDITIONAL, _with
 
 _base = {p.name: p for p in UNCONDITIONAL}
 # eta 1: ancestral steps in the unknown region, as RePaint's p_sample (core.inpaint.ExactRePaintScheduler).
-MINI_REPAINT = {"steps": 50, "jump_length": 5, "jump_n_sample": 5, "eta": 1.0, "num_images": 100}
-PAPER_REPAINT = {"steps": 250, "jump_length": 10, "jump_n_sample": 10, "eta": 1.0, "num_images": 100}
+# RePaint's settings (python -m experiments.inpainting --eval steps=50 --eval jump_length=5 ... overrides them);
+# the number of test images is the preset's num_samples (100; --num-samples overrides it).
+MINI_REPAINT = {"steps": 50, "jump_length": 5, "jump_n_sample": 5, "eta": 1.0}
+PAPER_REPAINT = {"steps": 250, "jump_length": 10, "jump_n_sample": 10, "eta": 1.0}
+TEST_IMAGES = 100
 
 # A pixel-space DDPM at 256 px in the spirit of RePaint's guided-diffusion CelebA-HQ model [choice].
 _PAPER_PIXEL = {
@@ -42,7 +45,7 @@ _PAPER_PIXEL = {
 
 def _mini(name: str) -> Preset:
     p = copy.deepcopy(_base[name])
-    p.extra = dict(MINI_REPAINT)
+    p.extra, p.num_samples = dict(MINI_REPAINT), TEST_IMAGES
     # From scratch: the unconditional run (skipped when that table already trained it) + 3.3 min of RePaint
     # on the six masks (measured: 202 s and 196 s on an idle machine).
     p.expected_minutes = round(p.expected_minutes + 3.3, 1)
@@ -54,8 +57,8 @@ PRESETS = [
     _mini("mini-digits16-conprediff"),
     Preset("paper-celebahq256-pixel-baseline", "paper", "baseline", "celebahq256", _PAPER_PIXEL,
            paper="LPIPS RePaint: wide 0.059, narrow 0.028, sr2x 0.029, lines 0.009, half 0.165, expand 0.435",
-           extra=dict(PAPER_REPAINT)),
+           extra=dict(PAPER_REPAINT), num_samples=TEST_IMAGES),
     Preset("paper-celebahq256-pixel-conprediff", "paper", "conprediff", "celebahq256",
            _with(_PAPER_PIXEL, context={"enabled": True}), paper="LPIPS 0.022 (mask column not confirmed)",
-           extra=dict(PAPER_REPAINT)),
+           extra=dict(PAPER_REPAINT), num_samples=TEST_IMAGES),
 ]

@@ -17,7 +17,7 @@ from core.config import RunConfig
 from core.data import ImageData
 from core.inpaint import MASK_KINDS, MASK_VERSION, make_mask, repaint, repaint_sampler_name
 from core.masks import DEFAULT_MASKS_DIR, paper_masks
-from core.sample import load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
+from core.sample import default_batch, load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
 from eval.records import append_record, load_records, recorded
 
 from ..common import Preset, check_records, record_key, save_grid, tensor_hash
@@ -47,7 +47,7 @@ def evaluate_inpainting(
     if not 0 <= opts.get("eta", 1.0) <= 1:
         raise ValueError(f"preset {preset.name}: extra['eta']={opts['eta']}; "
                          "allowed: 0 <= eta <= 1 (1 = ancestral, as RePaint)")
-    n = opts["num_images"] if scale != "smoke" else 4
+    n = num_samples if scale != "smoke" else 4  # test images: the preset's num_samples, or --num-samples
     steps, jump, resample = (opts["steps"], opts["jump_length"], opts["jump_n_sample"]) if scale != "smoke" else (4, 2, 2)
     test_cfg = copy.deepcopy(cfg.data)
     test_cfg.split, test_cfg.num_examples = "test", n
@@ -81,7 +81,8 @@ def evaluate_inpainting(
 
         provenance = {"pipeline": pipeline, "sampler": sampler, "mask": kind, "masks": tensor_hash(masks),
                       "images": tensor_hash(images)}
-        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), 100, render, state, provenance)
+        batch = cfg.diffusion.sampling_batch or default_batch(state.device)
+        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), batch, render, state, provenance)
         if not state.is_main_process:
             continue
         save_grid(paths[:16], run_dir / "inpainting" / f"{kind}.png", columns=8)
