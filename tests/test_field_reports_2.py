@@ -272,3 +272,44 @@ def test_inpainting_takes_its_image_count_and_repaint_settings_from_the_command(
     for bad, message in (("stepz=3", "no such evaluation option"), ("steps=x", "expected a int"), ("steps", "KEY=VALUE")):
         with pytest.raises(ValueError, match=message):
             with_eval_options(p, [bad])
+
+
+# ---------------------------------------------------------------- issue 26.4: metric weights checked, not only found
+
+
+def test_a_wrong_inception_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A TorchScript without clean-fid's interface passed --check, then eval.fid_ref died with an AttributeError."""
+    import torch
+
+    from eval import metrics
+
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path))
+
+    class NotInception(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    torch.jit.script(NotInception()).save(str(tmp_path / metrics.INCEPTION_FILE))
+    problem = metrics.inception_problem()
+    assert problem and "without clean-fid's `layers` interface" in problem and "\n" not in problem
+    assert metrics.INCEPTION_URL in problem
+    (tmp_path / metrics.INCEPTION_FILE).write_bytes(b"not a model")
+    assert "not a TorchScript file" in metrics.inception_problem()
+
+
+def test_a_hub_weights_file_must_have_the_hash_its_name_carries(tmp_path, monkeypatch):
+    """A random file (or state dict) saved under torchvision's AlexNet name was used silently."""
+    import hashlib
+
+    import torch
+
+    from eval import metrics
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    wrong = tmp_path / "hub" / "checkpoints" / metrics.ALEXNET_FILE
+    torch.save({"features.0.weight": torch.zeros(64, 3, 11, 11)}, wrong)
+    problem = metrics.alexnet_problem()
+    assert problem and "the name says 7be5be79" in problem and metrics.ALEXNET_URL in problem
+    assert metrics.hub_hash_prefix(metrics.TF_INCEPTION_FILE) == "6726825d"
+    assert metrics.weights_identity(wrong) == f"{metrics.ALEXNET_FILE} sha256 {hashlib.sha256(wrong.read_bytes()).hexdigest()[:16]}"

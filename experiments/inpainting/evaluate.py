@@ -89,12 +89,24 @@ def evaluate_inpainting(
         done = torch.stack([load_png(p) for p in paths])
         values = inpainting_metrics(done, images, masks, scale)
         for metric, value in values.items():
-            rec = dict(key, method=preset.method, metric=metric, value=value, ema=True,
-                       backend="digits classifier conv maps (LPIPS-style proxy)" if metric.startswith("percep")
-                       else "numpy, pixels in [-1, 1], hole region only")
+            rec = dict(key, method=preset.method, metric=metric, value=value, ema=True, backend=metric_backend(metric))
             if metric in wanted and not recorded(existing, metric=metric, **key) and append_record(rec, records_path):
                 out.append(rec)
     return out
+
+
+def metric_backend(metric: str) -> str:
+    """What measured ``metric`` (recorded with it): LPIPS names its package and AlexNet file (sha256 prefix)."""
+    if metric == "lpips_alex":
+        from importlib.metadata import version
+
+        from eval.metrics import ALEXNET_FILE, weights_identity
+
+        alexnet = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+        return f"lpips {version('lpips')} AlexNet v0.1 ({weights_identity(alexnet)}), whole image"
+    if metric.startswith("percep"):
+        return "digits classifier conv maps (LPIPS-style proxy)"
+    return "numpy, pixels in [-1, 1], hole region only"
 
 
 def inpainting_metrics(done: torch.Tensor, truth: torch.Tensor, known: torch.Tensor, scale: str) -> dict[str, float]:
