@@ -64,8 +64,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def weights_identity(path: str | Path) -> str:
-    """``<file name> sha256 <first 16 hex>``: how records name the metric weights a value was measured with."""
-    return f"{Path(path).name} sha256 {file_sha256(path)[:16]}"
+    """``<file name> sha256 <first 16 hex>``: how records name the metric weights a value was measured with
+    (``<file name>, not on disk`` if it is not there, e.g. under a test's stand-in extractor)."""
+    path = Path(path)
+    return f"{path.name} sha256 {file_sha256(path)[:16]}" if path.exists() else f"{path.name}, not on disk"
 
 
 class MissingWeightsError(FileNotFoundError):

@@ -204,8 +204,7 @@ def record_unconditional(key: dict, benchmark: str, method: str, samples: Path, 
             reference = f"{shown} ({len(files)} images, listing sha {digest[:16]})"
             inception = feature_extractor == TF_FEATURE_EXTRACTOR
             tf_file = Path(torch.hub.get_dir()) / "checkpoints" / metrics.TF_INCEPTION_FILE
-            weights = (f" ({metrics.weights_identity(tf_file) if tf_file.exists() else metrics.TF_INCEPTION_FILE}, "
-                       "2048-d pool)" if inception else "")
+            weights = f" ({metrics.weights_identity(tf_file)}, 2048-d pool)" if inception else ""
             backend = f"torch-fidelity {version('torch-fidelity')} {feature_extractor}{weights}"
             fid_name, precision_name, recall_name = unconditional_metrics(n)[TORCHFIDELITY]
             for metric, value, extra in ((fid_name, out["fid"], ""),
