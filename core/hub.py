@@ -111,3 +111,15 @@ def from_pretrained(loader, key: str, name: str, revision: str | None = None, su
         return loader.from_pretrained(where, **hub, **sub, **kwargs)
     except OSError as e:  # e.g. a hub file missing at that revision, or the network dropping mid-download
         raise WeightsUnavailableError(f"{key}={describe(name, revision, subfolder)}: {e}") from e
+
+
+def weights_identity(name: str, revision: str | None = None, subfolder: str | None = None) -> dict:
+    """What a weights setting actually loaded, for ``env.json``: a hub id with its pinned revision (the hub keeps
+    that commit's files), or a local folder by its absolute path and the sha256 of its files
+    (:func:`core.runlog.pipeline_files_hash`), so that a folder replaced in place is told apart."""
+    if is_hub_id(name):
+        return {"hub": name, "revision": revision, "subfolder": subfolder}
+    from .runlog import pipeline_files_hash
+
+    folder = Path(name).expanduser().resolve() / (subfolder or "")
+    return {"path": str(folder), "sha256": pipeline_files_hash(folder) if folder.is_dir() else None}

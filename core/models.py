@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import torch
@@ -132,6 +134,7 @@ class Autoencoder:
                       .requires_grad_(False))
         self.dtype = dtype
         self.is_vq = cls is VQModel
+        self.source = (path, revision, subfolder, scale)  # for fp32_model(): the weights as stored
         if scale is not None:
             self.model.register_to_config(scaling_factor=float(scale))
         self.scale = float(getattr(self.model.config, "scaling_factor", 1.0) or 1.0)
@@ -172,6 +175,15 @@ class Autoencoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.model.decode((latents / self.scale).to(self.dtype)).sample.float().clamp(-1, 1)
+
+    def fp32_model(self):
+        """The autoencoder in float32 on the CPU, as stored (reloaded from its source when this one computes in
+        another dtype: casting bf16 weights back would not restore them), its ``scaling_factor`` set: what an
+        export saves."""
+        if self.dtype == torch.float32:
+            return copy.deepcopy(self.model).to("cpu")
+        path, revision, subfolder, scale = self.source
+        return Autoencoder(path, "cpu", revision, subfolder, scale).model
 
     @property
     def latent_channels(self) -> int:

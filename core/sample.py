@@ -261,10 +261,11 @@ def sample_pipeline(
         text = TextEncoder(meta["text_encoder"], state.device, revision=meta.get("revision"))
     prompt_of = dict(zip(seeds, prompts)) if prompts is not None else {}
     vae = None
-    if (Path(pipeline_dir) / "vae").exists():
+    folder = next((Path(pipeline_dir) / f for f in ("vqvae", "vae") if (Path(pipeline_dir) / f).exists()), None)
+    if folder is not None:  # vqvae/: LDMPipeline's layout; vae/: text-conditional exports and older ones
         from .models import Autoencoder
 
-        vae = Autoencoder(str(Path(pipeline_dir) / "vae"), state.device)
+        vae = Autoencoder(str(folder), state.device)
 
     def render(batch: list[int]) -> np.ndarray:
         cond = uncond = None

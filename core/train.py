@@ -230,23 +230,28 @@ def export_pipeline(
 ) -> Path:
     """Write the (EMA) UNet and a sampling scheduler in diffusers layout, atomically; no context decoder.
 
-    Unconditional pixel models load with ``DDPMPipeline.from_pretrained``; a latent model also gets
-    ``vae/`` (the frozen autoencoder), which ``core.sample`` uses to decode. ``provenance.json`` names
-    the checkpoint ``step`` the weights come from.
+    What stock diffusers loads it as (``DiffusionPipeline.from_pretrained(out_dir)``): an unconditional pixel model
+    as ``DDPMPipeline``; an unconditional latent model (LDM-4: VQ-f4 + UNet) as ``LDMPipeline``, with the frozen
+    autoencoder in float32 as ``vqvae/`` (its ``scaling_factor`` set, which LDMPipeline divides by before decoding),
+    so its images come out at the data resolution. A text-conditional UNet is saved as ``unet/``, ``scheduler/``
+    and ``vae/`` with ``text_encoder.json`` naming its frozen encoder (no stock pipeline takes our text tower);
+    ``core.sample`` loads every layout. ``provenance.json`` names the checkpoint ``step`` the weights come from.
     """
-    from diffusers import DDPMPipeline
+    from diffusers import DDPMPipeline, LDMPipeline
 
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet.parameters())
     with atomic_dir(out_dir) as tmp:
-        if type(unet).__name__ == "UNet2DModel":
+        if type(unet).__name__ == "UNet2DModel" and vae is not None:
+            LDMPipeline(vqvae=vae.fp32_model(), unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
+        elif type(unet).__name__ == "UNet2DModel":
             DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
         else:
             unet.save_pretrained(tmp / "unet")
             train_scheduler.save_pretrained(tmp / "scheduler")
-        if vae is not None:
-            vae.model.save_pretrained(tmp / "vae")
+            if vae is not None:
+                vae.fp32_model().save_pretrained(tmp / "vae")
         if text_encoder is not None:  # which frozen encoder the conditional UNet expects
             (tmp / "text_encoder.json").write_text(json.dumps(text_encoder))
         write_provenance(tmp, step)
@@ -354,7 +359,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
             "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
             "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32}, indent=2))
+            "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg)}, indent=2))
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
         write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
         n_unet = sum(p.numel() for p in ema_target(inner).parameters())
@@ -444,8 +449,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             export_discrete(inner, ema, cfg, pipeline_dir, last)
         else:
             export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
-                            cfg.model.text_encoder and {"text_encoder": cfg.model.text_encoder,
-                                                        "revision": cfg.model.text_encoder_revision}, last)
+                            loaded_weights(cfg).get("model.text_encoder"), last)
         log(f"exported {pipeline_dir} (checkpoint {last})"
             + (f", replacing the export of checkpoint {current}" if current is not None else ""))
     accelerator.wait_for_everyone()
@@ -469,6 +473,24 @@ def end_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def loaded_weights(cfg: RunConfig) -> dict:
+    """The frozen pretrained weights a run loads (``model.vae``, ``model.text_encoder``), each as
+    :func:`core.hub.weights_identity` gives it; a text encoder also under ``text_encoder``/``revision``, the keys
+    ``core.sample`` reads from an export's ``text_encoder.json`` (an absolute path for a local folder, so the export
+    resolves from any working directory)."""
+    from .hub import weights_identity
+
+    out = {}
+    m = cfg.model
+    if cfg.backbone == "latent" and m.vae:
+        out["model.vae"] = weights_identity(m.vae, m.vae_revision, m.vae_subfolder)
+    if m.text_encoder:
+        ident = weights_identity(m.text_encoder, m.text_encoder_revision) if m.text_encoder != "minilm" else {}
+        out["model.text_encoder"] = {"text_encoder": ident.get("path", m.text_encoder),
+                                     "revision": m.text_encoder_revision, **ident}
+    return out
 
 
 def clip_gradients(accelerator: Accelerator, module: torch.nn.Module, tc) -> dict[str, float]:

@@ -313,3 +313,38 @@ def test_a_hub_weights_file_must_have_the_hash_its_name_carries(tmp_path, monkey
     assert problem and "the name says 7be5be79" in problem and metrics.ALEXNET_URL in problem
     assert metrics.hub_hash_prefix(metrics.TF_INCEPTION_FILE) == "6726825d"
     assert metrics.weights_identity(wrong) == f"{metrics.ALEXNET_FILE} sha256 {hashlib.sha256(wrong.read_bytes()).hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------- issue 26.3: latent exports load as what they are
+
+
+def test_a_vq_latent_export_loads_as_an_ldm_pipeline_that_returns_images(tmp_path):
+    """The LDM-4 export's model_index.json said DDPMPipeline: stock diffusers returned latents as "images"."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline, LDMPipeline, VQModel
+
+    from core.config import RunConfig, apply_overrides
+    from core.sample import sample_pipeline
+    from core.train import train
+
+    torch.manual_seed(0)
+    VQModel(in_channels=1, out_channels=1, block_out_channels=(8, 8), norm_num_groups=4, latent_channels=3,
+            num_vq_embeddings=16, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vq")
+    cfg = RunConfig.from_dict(apply_overrides({"name": "ldm"}, [
+        "backbone=latent", f"model.vae={tmp_path / 'vq'}", "model.latent_scale=1.0", "model.block_out_channels=[8,8]",
+        "model.norm_num_groups=4", "train.batch_size=4", "train.steps=2", "train.warmup_steps=1",
+        "train.checkpoint_every=2", "data.num_examples=8", "data.resolution=16", "train.log_every=1"]))
+    run = tmp_path / "run"
+    train(cfg, run)
+    pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
+    assert isinstance(pipe, LDMPipeline) and isinstance(pipe.vqvae, VQModel)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 1)  # the data resolution and channels, not the 8x8x3 latents
+    assert np.isfinite(images).all()
+    paths = sample_pipeline(run / "pipeline", tmp_path / "samples", range(2), "ddim", 2)  # our sampler reads it too
+    assert len(paths) == 2
+    env = json.loads((run / "env.json").read_text())
+    assert env["loaded_weights"]["model.vae"]["path"] == str((tmp_path / "vq").resolve())
+    assert len(env["loaded_weights"]["model.vae"]["sha256"]) == 16
