@@ -246,6 +246,10 @@ class TrainConfig:
     cond_dropout: float = 0.1  # text-to-image: probability of training with the empty caption
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
+    # Also save a checkpoint once this many minutes have passed since the last one (0: by steps only), so that a
+    # preempted or timed-out job loses minutes, not checkpoint_every steps; SIGTERM (SLURM preemption, torchrun
+    # forwarding a stop) saves one at the end of the current step and stops the run (core.train).
+    checkpoint_minutes: float = 0.0
     log_every: int = 10
     seed: int = 0
 

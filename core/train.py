@@ -72,7 +72,7 @@ SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "e
 
 # Keys that change neither a training step nor the trained weights: the run's name, how it is sampled, how often it
 # logs and keeps checkpoints (resume is exact), how many DataLoader workers read (every draw is keyed by image index).
-NON_TRAINING_KEYS = SAMPLING_KEYS + ("name", "train.log_every", "train.checkpoint_every",
+NON_TRAINING_KEYS = SAMPLING_KEYS + ("name", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
                                      "train.checkpoints_total_limit", "data.num_workers")
 
 
@@ -380,61 +380,72 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=tc.steps, initial=start, desc=cfg.name, dynamic_ncols=True, mininterval=2)
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        batch = global_batch_indices(len(data), tc.seed, step, tc.batch_size)
-        totals: dict[str, torch.Tensor] = {}
-        for m in range(tc.grad_accumulation):
-            first = m * micro + offset
-            positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
-            x0 = next(batches).to(device, non_blocking=cuda)
-            if vae:  # latents from the cached or just computed encoder output: the same calls either way
-                moments = x0 if cfg.data.latent_cache else vae.encode_moments(x0)
-                x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
-                                              if cfg.model.latent_sampling == "sample" else None)
-            gens = image_generators(tc.seed, step, positions)
-            if discrete:  # t uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
-                inputs = (quantize(x0, cfg.model.token_levels), inner.sample_timesteps(gens).to(device), gens)
-            else:
-                timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
-                noise = randn_per_image(gens, x0.shape[1:], device)
-                cond = None
-                if text is not None:  # caption dropout for classifier-free guidance, drawn per image
-                    mine = batch[first : first + local_batch]
-                    captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
-                                for i, g in zip(mine, gens)]
-                    cond = text.encode(captions)
-                inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
-            with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():
-                losses = module(*inputs)
-                accelerator.backward(losses["loss"] * share_weight / tc.grad_accumulation)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0) + v.detach().float() * share_weight / tc.grad_accumulation
-        names = sorted(totals)
-        reduced = accelerator.reduce(torch.stack([totals[k] for k in names]), "mean")
-        if not torch.isfinite(reduced).all():
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, reduced.tolist()))
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({terms}); the last checkpoint "
-                f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
-            )
-        grad_norms = clip_gradients(accelerator, inner, tc)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(ema_target(inner).parameters())
-        done = step + 1
-        if main and (done % tc.log_every == 0 or done == tc.steps):
-            record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
-            record.update({k: v for k, v in zip(names, reduced.tolist())}, **grad_norms)
-            append_jsonl(run_dir / "stats.jsonl", record)
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
-            checkpoints = list_checkpoints(run_dir)
+    last_save, stop = time.monotonic(), StopOnSignal()  # SIGTERM: checkpoint at the end of this step, then stop
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            batch = global_batch_indices(len(data), tc.seed, step, tc.batch_size)
+            totals: dict[str, torch.Tensor] = {}
+            for m in range(tc.grad_accumulation):
+                first = m * micro + offset
+                positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
+                x0 = next(batches).to(device, non_blocking=cuda)
+                if vae:  # latents from the cached or just computed encoder output: the same calls either way
+                    moments = x0 if cfg.data.latent_cache else vae.encode_moments(x0)
+                    x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
+                                                  if cfg.model.latent_sampling == "sample" else None)
+                gens = image_generators(tc.seed, step, positions)
+                if discrete:  # t uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
+                    inputs = (quantize(x0, cfg.model.token_levels), inner.sample_timesteps(gens).to(device), gens)
+                else:
+                    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
+                    noise = randn_per_image(gens, x0.shape[1:], device)
+                    cond = None
+                    if text is not None:  # caption dropout for classifier-free guidance, drawn per image
+                        mine = batch[first : first + local_batch]
+                        captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
+                                    for i, g in zip(mine, gens)]
+                        cond = text.encode(captions)
+                    inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
+                with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():
+                    losses = module(*inputs)
+                    accelerator.backward(losses["loss"] * share_weight / tc.grad_accumulation)
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0) + v.detach().float() * share_weight / tc.grad_accumulation
+            names = sorted(totals)
+            # Every process agrees on a stop or a wall-clock checkpoint: their flags travel with the losses' reduction.
+            due = tc.checkpoint_minutes > 0 and main and time.monotonic() - last_save >= 60 * tc.checkpoint_minutes
+            flags = torch.tensor([float(stop.requested), float(due)], device=device)
+            reduced = accelerator.reduce(torch.cat([torch.stack([totals[k] for k in names]).float(), flags]), "mean")
+            reduced, (stopping, timed) = reduced[: len(names)], (reduced[len(names):] > 0).tolist()
+            if not torch.isfinite(reduced).all():
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, reduced.tolist()))
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} ({terms}); the last checkpoint "
+                    f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
+                )
+            grad_norms = clip_gradients(accelerator, inner, tc)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(ema_target(inner).parameters())
+            done = step + 1
+            if main and (done % tc.log_every == 0 or done == tc.steps):
+                record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+                record.update({k: v for k, v in zip(names, reduced.tolist())}, **grad_norms)
+                append_jsonl(run_dir / "stats.jsonl", record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stopping or timed:
+                save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
+                checkpoints, last_save = list_checkpoints(run_dir), time.monotonic()
+            if stopping and done < tc.steps:
+                log(f"stopped by SIGTERM after step {done}; checkpoint saved, re-running resumes")
+                raise SystemExit(f"{run_dir}: stopped by SIGTERM after step {done} (checkpoint saved; re-run to resume)")
+    finally:
+        stop.restore()
     if progress is not None:
         progress.close()
 
@@ -491,6 +502,31 @@ def loaded_weights(cfg: RunConfig) -> dict:
         out["model.text_encoder"] = {"text_encoder": ident.get("path", m.text_encoder),
                                      "revision": m.text_encoder_revision, **ident}
     return out
+
+
+class StopOnSignal:
+    """While training: SIGTERM (SLURM preemption or timeout through submitit, torchrun stopping its workers) sets
+    :attr:`requested` instead of killing the process, so the loop saves a checkpoint at the end of the step and stops
+    (the run then resumes minutes, not ``checkpoint_every`` steps, behind). Installed only in the main thread;
+    :meth:`restore` puts the previous handler back."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def clip_gradients(accelerator: Accelerator, module: torch.nn.Module, tc) -> dict[str, float]:

@@ -250,6 +250,15 @@ class RunWorker:
 
     def __init__(self, experiment: str, argv: list[str], gpus: int, cpus: int):
         self.experiment, self.argv, self.gpus, self.cpus = experiment, list(argv), gpus, cpus
+        self.process: subprocess.Popen | None = None
+
+    def threads(self) -> int:
+        """``OMP_NUM_THREADS`` per process: the job's cores shared by the processes ``accelerate launch`` starts
+        (one per GPU), not each of them given all the cores (8 x 32 threads on 32 cores)."""
+        return max(1, self.cpus // max(1, self.gpus))
+
+    def __getstate__(self) -> dict:  # submitit pickles the worker to requeue it; a live process does not travel
+        return {**self.__dict__, "process": None}
 
     def command(self) -> list[str]:
         if self.gpus > 1:
@@ -258,15 +267,33 @@ class RunWorker:
         return [sys.executable, "-m", f"experiments.{self.experiment}", *self.argv]
 
     def __call__(self) -> int:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.cpus), PYTHONPATH=os.pathsep.join(
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads()), PYTHONPATH=os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-        subprocess.run(self.command(), cwd=ROOT, env=env, check=True)
+        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=env)
+        rc = self.process.wait()
+        if rc != 0:
+            raise subprocess.CalledProcessError(rc, self.command())
         return 0
 
     def checkpoint(self, *args, **kwargs):
+        """submitit calls this on a SLURM timeout or preemption signal, before it requeues the job: the run is asked
+        to stop (SIGTERM: core.train saves a checkpoint at the end of its current step) and given up to
+        :data:`STOP_GRACE_S` seconds to do so, so the requeued job resumes minutes behind, not hours."""
+        import signal
+
         import submitit
 
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# submitit's SLURM signal comes 90 s before the kill (its default --signal=USR2@90): most of that for the checkpoint.
+STOP_GRACE_S = 75
 
 
 def run_finished(experiment: str, preset: str, seed: int, scale: str, run_dir: Path, records: list[dict]) -> bool:

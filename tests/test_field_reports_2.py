@@ -348,3 +348,39 @@ def test_a_vq_latent_export_loads_as_an_ldm_pipeline_that_returns_images(tmp_pat
     env = json.loads((run / "env.json").read_text())
     assert env["loaded_weights"]["model.vae"]["path"] == str((tmp_path / "vq").resolve())
     assert len(env["loaded_weights"]["model.vae"]["sha256"]) == 16
+
+
+# ---------------------------------------------------------------- issue 26.6: cluster defaults that fit
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_run_resumes(tmp_path):
+    """A preempted SLURM job lost up to checkpoint_every steps; now SIGTERM saves at the end of the step."""
+    run = tmp_path / "run"
+    cmd = train_cmd(run, "train.steps=40", "train.checkpoint_every=1000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(run / "stats.jsonl") if (run / "stats.jsonl").exists() else []) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after step" in err
+    from core.train import list_checkpoints
+
+    (step, _), = list_checkpoints(run)
+    assert 3 <= step < 40  # a checkpoint where it stopped, though checkpoint_every is 1000
+    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    assert [r["step"] for r in read_jsonl(run / "stats.jsonl")] == list(range(1, 41))
+
+
+def test_wall_clock_checkpoints_and_threads_per_process(tmp_path):
+    from core.train import train
+    from core.config import RunConfig, apply_overrides
+    from experiments.cluster import RunWorker
+
+    run = tmp_path / "run"
+    train(RunConfig.from_dict(apply_overrides({}, TINY + ["data.num_examples=64", "train.steps=4",
+                                                          "train.checkpoint_every=1000", "train.checkpoint_minutes=1e-6",
+                                                          "train.checkpoints_total_limit=10"])), run)
+    assert sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir()) == [1, 2, 3, 4]
+    assert RunWorker("unconditional", [], gpus=8, cpus=32).threads() == 4
+    assert RunWorker("unconditional", [], gpus=0, cpus=8).threads() == 8
