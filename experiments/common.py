@@ -65,6 +65,9 @@ class Preset:
     # a longer budget of the same training (constant LR after warm-up, every draw keyed by step; tested equal to a
     # straight run). Its records are its own (its config, its weights).
     continues: str | None = None
+    # LDM's learning-rate rule (main.py's scale_lr: lr = base_learning_rate x batch): when --set changes
+    # train.batch_size and not train.lr, the lr follows the batch (run_config), as the paper presets derive it.
+    lr_per_image: float | None = None
     # Further samplers each run is evaluated with after the config's own, as diffusion overrides of sampling keys only
     # (core.train.SAMPLING_KEYS), e.g. {"sampler": "ddim", "sampling_steps": 50}: another block of the same models.
     extra_samplers: tuple[dict, ...] = ()
@@ -82,7 +85,7 @@ SMOKE = [
     "context.hidden_dim=8", "context.latent_dim=4", "diffusion.sampling_steps=2", "data.num_examples=16",
     # fp32 for every preset: smoke runs all presets in one process, and accelerate fixes the precision of a
     # process at its first Accelerator (the paper presets' bf16 path has its own test, tests/test_precision.py)
-    "train.mixed_precision=no", "train.allow_tf32=false",
+    "train.mixed_precision=no", "train.allow_tf32=false", "data.num_workers=0",
 ]
 
 
@@ -109,7 +112,11 @@ def run_config(preset: Preset, seed: int, args: argparse.Namespace, overrides: l
     """The config one (preset, seed) run of this command trains: the preset's, shrunk at smoke scale, with
     ``overrides`` (default ``--set``) applied last; ``overrides=[]`` gives the preset's own config at this scale.
     Raises :class:`~core.config.ConfigError` (or ``ValueError`` for a malformed override)."""
-    overrides = args.overrides if overrides is None else overrides
+    overrides = list(args.overrides if overrides is None else overrides)
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if preset.lr_per_image and "train.batch_size" in keys and "train.lr" not in keys:
+        batch = RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), overrides)).train.batch_size
+        overrides.append(f"train.lr={round(preset.lr_per_image * batch, 12)}")  # the preset's rule, not its lr
     if args.scale == "smoke":
         return smoke_config(preset, seed, args.runs_dir / "smoke-stand-ins", overrides)
     return RunConfig.from_dict(apply_overrides(preset.run_config(seed).to_dict(), overrides))
