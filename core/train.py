@@ -102,6 +102,63 @@ def training_overrides(base: RunConfig, cfg: RunConfig) -> dict:
     return {k: b.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+SEGMENT_KEYS = ("git_commit", "packages", "python", "platform", "argv", "time", "num_processes", "device",
+                "mixed_precision", "data")
+
+
+def data_identity(data: ImageData, cfg: RunConfig) -> dict:
+    """What a run trains on: ``data.source`` (a local path made absolute), the number of images, and
+    :func:`core.latent_cache.dataset_fingerprint` (first 16 hex digits; None where the dataset cannot be listed,
+    e.g. streamed shards)."""
+    from .latent_cache import dataset_fingerprint
+
+    path = Path(cfg.data.source).expanduser()
+    try:
+        fingerprint = dataset_fingerprint(data)[:16]
+    except Exception:  # noqa: BLE001 - a streamed dataset has no listing to hash
+        fingerprint = None
+    return {"source": str(path.resolve()) if path.exists() else cfg.data.source, "num_images": len(data),
+            "fingerprint": fingerprint}
+
+
+def segments(run_dir: Path) -> list[dict]:
+    """The training segments ``env.json`` records (a run written before segments existed: its one environment)."""
+    path = Path(run_dir) / "env.json"
+    if not path.exists():
+        return []
+    env = json.loads(path.read_text())
+    return env.get("segments") or [{"from_step": None, **{k: env.get(k) for k in SEGMENT_KEYS}}]
+
+
+def check_resume(run_dir: Path, data_id: dict, allow_data_change: bool) -> list[str]:
+    """Before a resume: refuse (:class:`ConfigError`) if the training data differ from the last segment's (another
+    fingerprint or image count), unless ``allow_data_change``; return notes (logged and kept in the new segment) for
+    what may change the run without changing its config: another commit or a dirty tree, other package versions."""
+    from .runlog import environment
+
+    previous = segments(run_dir)
+    if not previous:
+        return []
+    last, now, notes = previous[-1], environment(), []
+    old_data = last.get("data") or {}
+    if old_data.get("fingerprint") and data_id.get("fingerprint") and (
+            old_data["fingerprint"], old_data.get("num_images")) != (data_id["fingerprint"], data_id["num_images"]):
+        message = (f"the training data changed since the last segment: {old_data.get('source')} "
+                   f"({old_data.get('num_images')} images, fingerprint {old_data['fingerprint']}) -> {data_id['source']} "
+                   f"({data_id['num_images']} images, fingerprint {data_id['fingerprint']})")
+        if not allow_data_change:
+            raise ConfigError(f"{run_dir}: {message}. Use another --run-dir, or pass --allow-data-change to continue "
+                              "on the new data anyway.")
+        notes.append(message + " (allowed)")
+    if last.get("git_commit") != now["git_commit"]:
+        notes.append(f"code changed since the last segment: commit {last.get('git_commit')} -> {now['git_commit']}")
+    changed = [f"{k} {v} -> {now['packages'].get(k)}" for k, v in (last.get("packages") or {}).items()
+               if now["packages"].get(k) != v]
+    if changed:
+        notes.append("package versions changed since the last segment: " + ", ".join(changed))
+    return notes
+
+
 def check_config(run_dir: Path, cfg: RunConfig, allow_change: bool) -> None:
     """Refuse to resume a run whose saved config differs, listing the keys, unless allowed.
 
@@ -270,7 +327,7 @@ def atomic_dir(out_dir: Path):
 
 def train(
     cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None,
-    report_to: str = "none", shared_device: bool | None = None,
+    report_to: str = "none", shared_device: bool | None = None, allow_data_change: bool = False,
 ) -> Path:
     """Train (or resume) the run in ``run_dir``; returns the exported pipeline folder.
 
@@ -280,14 +337,19 @@ def train(
     ``shared_device``: whether other jobs share the machine while this invocation trains (None: not known); kept in
     ``env.json`` and sticky across resumes (any shared segment makes it True), so that a later evaluation knows
     whether ``stats.jsonl``'s step times timed the contention (:func:`recorded_shared`).
+
+    ``env.json`` keeps every training segment (the first run and each resume): its commit, package versions, process
+    count, device and data identity (:func:`data_identity`). A resume on other data is refused unless
+    ``allow_data_change``; one under another commit or other package versions is noted in ``log.txt`` and in its
+    segment (:func:`check_resume`).
     """
     run_dir = Path(run_dir)
     with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # one owner per run directory
-        return _train(cfg, run_dir, allow_config_change, stop_after, report_to, shared_device)
+        return _train(cfg, run_dir, allow_config_change, stop_after, report_to, shared_device, allow_data_change)
 
 
 def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after: int | None, report_to: str,
-           shared_device: bool | None) -> Path:
+           shared_device: bool | None, allow_data_change: bool) -> Path:
     launcher_precision = check_launcher_precision(cfg)
     check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
@@ -312,6 +374,10 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     frozen_dtype = torch.bfloat16 if cuda and accelerator.mixed_precision == "bf16" else torch.float32
 
     data = ImageData(cfg.data)
+    resume_notes, data_id = [], None
+    if main and list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] < cfg.train.steps:  # a resume
+        data_id = data_identity(data, cfg)
+        resume_notes = check_resume(run_dir, data_id, allow_data_change)
     vae = Autoencoder(cfg.model.vae, device, cfg.model.vae_revision, cfg.model.vae_subfolder,
                       cfg.model.latent_scale, dtype=frozen_dtype) if cfg.backbone == "latent" else None
     if vae:
@@ -355,11 +421,18 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
-        write_atomic(run_dir / "env.json", json.dumps({"shared_device": sticky_shared(before, shared_device),
-            **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
-            "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
-            "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg)}, indent=2))
+        env = {"shared_device": sticky_shared(before, shared_device),
+               **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
+               "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
+               "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
+               "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg),
+               "data": data_id or data_identity(data, cfg)}
+        # Every segment (a first run and each resume) keeps what it ran with: a later one never erases an earlier one.
+        earlier = segments(run_dir) if start else []
+        env["segments"] = earlier + [{"from_step": start, **{k: env[k] for k in SEGMENT_KEYS}, "notes": resume_notes}]
+        write_atomic(run_dir / "env.json", json.dumps(env, indent=2))
+        for note in resume_notes:
+            log(f"resume: {note}")
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
         write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats))
         n_unet = sum(p.numel() for p in ema_target(inner).parameters())
@@ -610,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--allow-config-change", action="store_true", help="resume even if the config differs")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even if the training data differ from the last segment's (files, count)")
     parser.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resume later)")
     parser.add_argument("--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                         help="also log every stats.jsonl row (loss terms, LR) to this accelerate tracker, in "
@@ -618,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
     saved = Path(args.run_dir) / "config.yaml"
     cfg = load_config(args.config or (str(saved) if saved.exists() else None), args.overrides)
     train(cfg, args.run_dir, allow_config_change=args.allow_config_change, stop_after=args.stop_after,
-          report_to=args.report_to)
+          report_to=args.report_to, allow_data_change=args.allow_data_change)
     end_distributed()
 
 

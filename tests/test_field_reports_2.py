@@ -384,3 +384,38 @@ def test_wall_clock_checkpoints_and_threads_per_process(tmp_path):
     assert sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir()) == [1, 2, 3, 4]
     assert RunWorker("unconditional", [], gpus=8, cpus=32).threads() == 4
     assert RunWorker("unconditional", [], gpus=0, cpus=8).threads() == 8
+
+
+# ---------------------------------------------------------------- 3. what a resume pins
+
+
+def test_a_resume_keeps_every_segment_and_refuses_other_data(tmp_path, monkeypatch):
+    """A resume after a code change went on silently and env.json kept only the new commit."""
+    from core.config import ConfigError, RunConfig, apply_overrides
+    from core.train import train
+    from experiments.common import make_fake_imagefolder
+
+    folder = make_fake_imagefolder(tmp_path / "faces", 1)
+    cfg = RunConfig.from_dict(apply_overrides({}, TINY + [f"data.source={folder}", "train.steps=4",
+                                                          "train.checkpoint_every=2", "train.batch_size=4"]))
+    run = tmp_path / "run"
+    monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "aaaa")
+    train(cfg, run, stop_after=2)
+    monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "bbbb-dirty")
+    from PIL import Image
+
+    Image.new("L", (24, 24)).save(folder / "train" / "extra.png")  # one more training image
+    with open(folder / "train" / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "extra.png", "caption": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="training data changed since the last segment.*16 images.*17 images"):
+        train(cfg, run)
+    (folder / "train" / "extra.png").unlink()
+    lines = (folder / "train" / "metadata.jsonl").read_text().splitlines()[:-1]
+    (folder / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    train(cfg, run)
+    env = json.loads((run / "env.json").read_text())
+    assert [s["git_commit"] for s in env["segments"]] == ["aaaa", "bbbb-dirty"]
+    assert [s["from_step"] for s in env["segments"]] == [0, 2]
+    assert env["segments"][0]["data"]["source"] == str(folder.resolve()) and env["segments"][0]["data"]["num_images"] == 16
+    assert "code changed since the last segment: commit aaaa -> bbbb-dirty" in env["segments"][1]["notes"][0]
+    assert "resume: code changed" in (run / "log.txt").read_text()
