@@ -74,6 +74,11 @@ class ContextConfig:
     # t = 998 and 0.003-0.005 at t <= 500; DDPM and guided-diffusion clip x0_hat to [-1, 1] when they form this mean
     # for sampling (clip_denoised).
     denoised_clip: float = 0.0
+    # Per-image weight of the context term by timestep [reading, issue 28]: none (1 everywhere) | signal_share
+    # (a(t)^2 / (a(t)^2 + b(t)^2) where the target mu~(x_t, x0) = a(t) x0 + b(t) eps: how much of the target is the
+    # image rather than the input's own noise) | below (1 for t < t_cut, else 0).
+    t_weighting: str = "none"
+    t_cut: int = 500
     latent_dim: int = 32
     hidden_dim: int = 64
     depth: int = 2
@@ -96,6 +101,8 @@ class ContextConfig:
         _check(f"{p}.denoised_clip", self.denoised_clip == 0 or self.decoder_input != "features",
                "clamps the denoised input, which context.decoder_input=features does not read")
         _check(f"{p}.point_fraction", 0 < self.point_fraction <= 1, "must be in (0, 1]")
+        _choice(f"{p}.t_weighting", self.t_weighting, ("none", "signal_share", "below"))
+        _check(f"{p}.t_cut", self.t_cut >= 1, "must be >= 1")
         for k in ("latent_dim", "hidden_dim", "sinkhorn_iters", "sliced_projections"):
             _check(f"{p}.{k}", getattr(self, k) >= 1, "must be >= 1")
         _check(f"{p}.depth", self.depth >= 0, "must be >= 0")
@@ -295,6 +302,8 @@ class RunConfig:
                    "must be 'features' with backbone='discrete' (no x_{t-1} estimate in pixel space)")
             _check("diffusion.sampling_dtype", self.diffusion.sampling_dtype == "fp32",
                    "the discrete backbone samples in fp32 only (its posterior is computed in float64)")
+            _check("context.t_weighting", self.context.t_weighting == "none",
+                   "weights by the continuous schedule's target coefficients: not with backbone='discrete'")
         else:
             _check("diffusion.discrete_loss", self.diffusion.discrete_loss == "token_mean",
                    f"applies to backbone='discrete' only (this run's backbone is {self.backbone!r}); leave it 'token_mean'")

@@ -117,9 +117,13 @@ class ContextPrediction(nn.Module):
             self.decoder = ExplicitNeighborDecoder(feature_channels, target_channels, len(self.strides), self.k, cfg.hidden_dim)
 
     def forward(
-        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
+        image_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (context loss = sum over strides, per-stride losses ``(S,)``)."""
+        """Returns (context loss = sum over strides, per-stride losses ``(S,)``).
+
+        ``image_weights`` ``(B,)`` multiplies each image's point distances (the mean over points keeps its
+        denominator, so weight 1 everywhere is the unweighted loss, bit for bit; :func:`timestep_weights`)."""
         b, _, h, w = features.shape
         if target_map.shape[-2:] != (h, w):
             raise ValueError(f"feature map {tuple(features.shape)} and target map {tuple(target_map.shape)} differ in size")
@@ -150,21 +154,47 @@ class ContextPrediction(nn.Module):
         else:
             sq = (self.decoder(feats) - values).pow(2).sum(-1)
             dist = (sq * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        if image_weights is not None:  # (B,) -> one weight per decoded point
+            dist = dist * image_weights.to(dist.device, dist.dtype).repeat_interleave(n)[:, None]
         has = valid.any(-1).to(dist.dtype)  # sets with at least one neighbor inside the image
         per_stride = (dist * has).sum(0) / has.sum(0).clamp(min=1)
         return per_stride.sum(), per_stride
 
     def terms(
-        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+        self, features: torch.Tensor, target_map: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
+        image_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(lambda * context loss, {"context_loss": ..., "context_loss_s<s>": ...})`` for a training module."""
-        ctx, per_stride = self(features, target_map, generators)
+        ctx, per_stride = self(features, target_map, generators, image_weights)
         logged = {"context_loss": ctx, **{f"context_loss_s{s}": v for s, v in zip(self.strides, per_stride)}}
         return self.cfg.weight * ctx, logged
 
     @staticmethod
     def _gens(generators, b):
         return generators if generators is not None else [None] * b
+
+
+def target_coefficients(scheduler, timesteps: torch.Tensor, target: str = "posterior_mean"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a(t), b(t))`` with the context target = a(t) x0 + b(t) eps: for the posterior mean mu~(x_t, x0) =
+    c0 x0 + ct x_t and x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps, a = c0 + ct sqrt(a_bar), b = ct sqrt(1 - a_bar);
+    for x0 targets a = 1, b = 0. ``(B,)`` each."""
+    if target == "x0":
+        return torch.ones(timesteps.shape), torch.zeros(timesteps.shape)
+    c0, ct = posterior_mean_coefficients(scheduler, timesteps)
+    a_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+    return c0 + ct * a_bar.sqrt(), ct * (1 - a_bar).sqrt()
+
+
+def timestep_weights(cfg: ContextConfig, scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
+    """Per-image weights of the context term (``context.t_weighting``), ``(B,)`` float32, or None for ``none``:
+    ``signal_share`` a(t)^2 / (a(t)^2 + b(t)^2) (:func:`target_coefficients`), ``below`` 1[t < t_cut]."""
+    if cfg.t_weighting == "none":
+        return None
+    if cfg.t_weighting == "below":
+        return (timesteps < cfg.t_cut).float()
+    a, b = target_coefficients(scheduler, timesteps, cfg.target)
+    return (a.pow(2) / (a.pow(2) + b.pow(2))).float()
 
 
 class DiffusionTrainingModule(nn.Module):
@@ -199,32 +229,102 @@ class DiffusionTrainingModule(nn.Module):
         losses = {"point_loss": point}
         loss = point
         if self.context is not None:
-            c0, ct = posterior_mean_coefficients(self.scheduler, timesteps)
-            view = (-1,) + (1,) * (x0.dim() - 1)
-            c0, ct = c0.view(view), ct.view(view)
-            with torch.no_grad():
-                target_map = x0 if self.context.cfg.target == "x0" else c0 * x0 + ct * x_t
-            features = self.tap.pop()
-            reads = self.context.cfg.decoder_input
-            if reads != "features":  # the model's own x_{t-1} estimate, mu~(x_t, x0_hat), with its gradient
-                x0_hat = self.predicted_x0(x_t, out, timesteps)
-                if self.context.cfg.denoised_clip:
-                    x0_hat = x0_hat.clamp(-self.context.cfg.denoised_clip, self.context.cfg.denoised_clip)
-                denoised = (c0 * x0_hat + ct * x_t).to(features.dtype)
-                features = denoised if reads == "denoised" else torch.cat([features, denoised], 1)
-            weighted, logged = self.context.terms(features, target_map.float(), generators)
+            weighted, logged = context_terms(self.context, self.scheduler, self.tap.pop(), x0, x_t, timesteps, out,
+                                             generators)
             loss = loss + weighted
             losses.update(logged)
         losses["loss"] = loss
         return losses
 
     def predicted_x0(self, x_t: torch.Tensor, out: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x0_hat from the UNet output ``out`` (epsilon or v prediction), shape of ``x_t``; no clipping.
+        """:func:`predicted_x0` with this module's scheduler."""
+        return predicted_x0(self.scheduler, x_t, out, timesteps)
 
-        epsilon: x0 = (x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar); v: x0 = sqrt(a_bar) x_t - sqrt(1 - a_bar) v
-        (Salimans & Ho 2022), the formulas of diffusers' DDPMScheduler.step.
-        """
-        a_bar = self.scheduler.alphas_cumprod.to(x_t.device)[timesteps.long()].view((-1,) + (1,) * (x_t.dim() - 1))
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return a_bar.sqrt() * x_t - (1 - a_bar).sqrt() * out
-        return (x_t - (1 - a_bar).sqrt() * out) / a_bar.sqrt()
+
+def predicted_x0(scheduler, x_t: torch.Tensor, out: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x0_hat from the UNet output ``out`` (epsilon or v prediction), shape of ``x_t``; no clipping.
+
+    epsilon: x0 = (x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar); v: x0 = sqrt(a_bar) x_t - sqrt(1 - a_bar) v
+    (Salimans & Ho 2022), the formulas of diffusers' DDPMScheduler.step.
+    """
+    a_bar = scheduler.alphas_cumprod.to(x_t.device)[timesteps.long()].view((-1,) + (1,) * (x_t.dim() - 1))
+    if scheduler.config.prediction_type == "v_prediction":
+        return a_bar.sqrt() * x_t - (1 - a_bar).sqrt() * out
+    return (x_t - (1 - a_bar).sqrt() * out) / a_bar.sqrt()
+
+
+def context_terms(
+    context: ContextPrediction, scheduler, features: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+    timesteps: torch.Tensor, model_output: torch.Tensor | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The context term of one batch of a continuous diffusion model: ``(lambda * L_context, logged terms)``.
+
+    ``features``: the UNet's last up-block output ``(B, F, H, W)`` (its forward hook); ``x0``, ``x_t``: clean and
+    noised inputs ``(B, C, H, W)``; ``model_output``: the UNet's prediction, needed only when the decoder reads the
+    denoised point (``context.decoder_input``). Targets: the neighbors of the posterior mean mu~(x_t, x0) (Ho et al.
+    eq. 7) or of x0 (``context.target``), detached; each image weighted by :func:`timestep_weights`.
+    """
+    cfg = context.cfg
+    c0, ct = posterior_mean_coefficients(scheduler, timesteps)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    c0, ct = c0.view(view), ct.view(view)
+    with torch.no_grad():
+        target_map = x0 if cfg.target == "x0" else c0 * x0 + ct * x_t
+    if cfg.decoder_input != "features":  # the model's own x_{t-1} estimate, mu~(x_t, x0_hat), with its gradient
+        if model_output is None:
+            raise ValueError(f"context.decoder_input={cfg.decoder_input!r} reads the denoised point: pass the UNet's "
+                             "output as model_output")
+        x0_hat = predicted_x0(scheduler, x_t, model_output, timesteps)
+        if cfg.denoised_clip:
+            x0_hat = x0_hat.clamp(-cfg.denoised_clip, cfg.denoised_clip)
+        denoised = (c0 * x0_hat + ct * x_t).to(features.dtype)
+        features = denoised if cfg.decoder_input == "denoised" else torch.cat([features, denoised], 1)
+    return context.terms(features, target_map.float(), generators, timestep_weights(cfg, scheduler, timesteps))
+
+
+def decoder_input_channels(cfg: ContextConfig, unet: nn.Module) -> int:
+    """Channels the context decoder reads at each point: the last up-block's (the UNet's first level), the image's
+    (denoised point), or both."""
+    features, image = unet.config.block_out_channels[0], unet.config.in_channels
+    return {"features": features, "denoised": image, "features+denoised": features + image}[cfg.decoder_input]
+
+
+class ContextTerm(nn.Module):
+    """ConPreDiff's context term for any diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` training loop.
+
+    Holds the context decoder (train it with the UNet: pass ``term.parameters()`` to the optimizer) and a forward
+    hook on the UNet's last up-block. After the UNet's forward on ``x_t = scheduler.add_noise(x0, noise, t)``,
+    ``term(x0, noise, t)`` returns lambda * L_context, a scalar to add to the point loss; ``term.logged`` keeps the
+    per-stride terms. The decoder is not needed to sample: save the UNet alone. Same loss as this repository's
+    trainer (``DiffusionTrainingModule``) on the same batch and generators (tested).
+
+    ``generators`` (one ``torch.Generator`` per image) make the decoder's draws reproducible per image; without
+    them the global RNG is used.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, cfg: ContextConfig | None = None):
+        super().__init__()
+        cfg = cfg or ContextConfig()
+        self.context = ContextPrediction(cfg, decoder_input_channels(cfg, unet), unet.config.in_channels)
+        self.scheduler = scheduler
+        self.tap = FeatureTap(last_block(unet))
+        self.logged: dict[str, torch.Tensor] = {}
+
+    def forward(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                model_output: torch.Tensor | None = None, generators: Sequence[torch.Generator] | None = None
+                ) -> torch.Tensor:
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        weighted, self.logged = context_terms(self.context, self.scheduler, self.tap.pop(), x0, x_t, timesteps,
+                                              model_output, generators)
+        return weighted
+
+    def detach(self) -> None:
+        """Remove the forward hook from the UNet (e.g. before sampling in the same process)."""
+        self.tap.remove()
+
+
+def attach_context(unet: nn.Module, scheduler, cfg: ContextConfig | None = None) -> ContextTerm:
+    """Attach ConPreDiff's context term to ``unet`` (a diffusers UNet2D(Condition)Model) trained with ``scheduler``
+    (a diffusers noise scheduler with ``alphas_cumprod``); returns the :class:`ContextTerm` to call in the loop."""
+    return ContextTerm(unet, scheduler, cfg)

@@ -40,8 +40,8 @@ from .config import ConfigError, RunConfig, apply_overrides, config_diff, load_y
 from .data import ImageData, MicroBatches, global_batch_indices, micro_batches
 from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
-from .objective import (ContextPrediction, DiffusionTrainingModule, image_generators, randn_per_image,
-                        uniform_timesteps)
+from .objective import (ContextPrediction, DiffusionTrainingModule, decoder_input_channels, image_generators,
+                        randn_per_image, uniform_timesteps)
 from .runlog import RunLock, RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
 from .tracking import accelerator_kwargs, start_tracking
 
@@ -253,9 +253,7 @@ def build_training_module(cfg: RunConfig, in_channels: int, sample_size: int) ->
     unet = build_unet(cfg.model, sample_size, in_channels)
     context = None
     if cfg.context.enabled:
-        reads = {"features": cfg.model.block_out_channels[0], "denoised": in_channels,
-                 "features+denoised": cfg.model.block_out_channels[0] + in_channels}[cfg.context.decoder_input]
-        context = ContextPrediction(cfg.context, reads, in_channels)
+        context = ContextPrediction(cfg.context, decoder_input_channels(cfg.context, unet), in_channels)
     return DiffusionTrainingModule(unet, build_scheduler(cfg.diffusion), context)
 
 

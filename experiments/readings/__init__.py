@@ -16,6 +16,9 @@ unconditional table's baseline and with its ConPreDiff row (same seeds, same pro
   ``reads-denoised-clip`` forms that estimate from x0_hat clamped to [-1, 1], as DDPM's sampler does
   (``context.denoised_clip=1``): unclamped, its gradient on the UNet at t = 999 of the cosine schedule is 361x
   the point loss's and nearly parallel, against 0.002-0.2x at t <= 900 (``grad_ratio.py --timesteps``).
+* ``t-signal-share`` / ``t-below-500``: the context term weighted per image by its timestep, by the target's signal
+  share a(t)^2 / (a(t)^2 + b(t)^2) where mu~ = a(t) x0 + b(t) eps, or only for t < 500 (``context.t_weighting``);
+  sampled with ancestral DDPM-250 first (paired with the unconditional table's DDPM-250 block), DDIM-50 beside it.
 * ``decoder-full``: the context decoder and the points it decodes as the paper-scale presets have them (the
   config's defaults: Gaussian dimension 32, two hidden layers of 64, every point's neighborhood), instead of the
   mini's economy (16, one layer of 32, a random quarter of the points, an unbiased but noisier estimate of the
@@ -53,6 +56,18 @@ def _reading(label: str, **sections) -> Preset:
     return Preset(f"mini-digits16-conprediff-{label}", "mini", label, "digits16", cfg)
 
 
+# Sampled with ancestral DDPM-250 first (the unconditional table's DDPM-250 block holds the committed baseline and
+# ConPreDiff on seeds 0-4 to pair with), DDIM-50 beside it.
+DDPM_FIRST = {"diffusion": {"sampler": "ddpm", "sampling_steps": 250}, "extra_samplers": ({"sampler": "ddim",
+                                                                                          "sampling_steps": 50},)}
+
+
+def _timestep_reading(label: str, **context) -> Preset:
+    preset = _reading(label, context=context, diffusion=DDPM_FIRST["diffusion"])
+    preset.extra_samplers = DDPM_FIRST["extra_samplers"]
+    return preset
+
+
 PRESETS = [
     _reading("clip-per-module", train={"grad_clip": "per_module", "context_max_grad_norm": 0.0}),
     _reading("target-x0", context={"target": "x0"}),
@@ -60,6 +75,11 @@ PRESETS = [
     _reading("reads-features+denoised", context={"decoder_input": "features+denoised"}),
     _reading("reads-denoised-clip", context={"decoder_input": "denoised", "denoised_clip": 1.0}),
     _reading("decoder-full", context={"latent_dim": 32, "hidden_dim": 64, "depth": 2, "point_fraction": 1.0}),
+    # Issue 28: the context gradient is 3.84x the point gradient at t = 900, where the target mu~ is mostly the input's
+    # own noise (0.16 x0 + 0.98 eps, cosine schedule). Each image's term weighted by the target's signal share
+    # a(t)^2 / (a(t)^2 + b(t)^2), or kept only below t = 500 (core.objective.timestep_weights).
+    _timestep_reading("t-signal-share", t_weighting="signal_share"),
+    _timestep_reading("t-below-500", t_weighting="below", t_cut=500),
 ]
 
 # The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
