@@ -211,9 +211,12 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     split: str = "train"
-    caption_column: str | None = None  # for text-to-image
+    # text-to-image: each record's caption, a string or a non-empty list of strings (one drawn per step; core.data)
+    caption_column: str | None = None
     num_examples: int | None = None  # use the first N examples only
-    skip_corrupt: bool = False  # drop undecodable images (reported with a count) instead of stopping
+    # drop undecodable images and webdataset/hub records without an image or caption (reported with a count)
+    # instead of stopping; an imagefolder's bad metadata records always stop, naming file and line
+    skip_corrupt: bool = False
     allow_upscale: bool = False  # accept images smaller than resolution (e.g. 28 px digits at 32 px)
     # DataLoader worker processes decoding the next micro-batches (0: decoded in the training process, as before);
     # the images of a step stay a function of (seed, step). Pinned memory on CUDA.

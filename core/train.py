@@ -420,7 +420,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
         env = {"shared_device": sticky_shared(before, shared_device),
-               **environment(), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
+               **environment(), "num_images": len(data), "images_skipped": len(data.skipped), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
                "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
                "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
                "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg),
@@ -436,7 +436,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         n_unet = sum(p.numel() for p in ema_target(inner).parameters())
         n_ctx = sum(p.numel() for p in inner.context.parameters()) if inner.context is not None else 0
         log(f"{cfg.name}: {world} process(es), global batch {tc.batch_size} = {'+'.join(map(str, shares))} x "
-            f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder {n_ctx:,}")
+            f"{tc.grad_accumulation} accumulation, {tc.steps} steps, unet {n_unet:,} params, context decoder "
+            f"{n_ctx:,}, {len(data):,} training images" + (f" ({len(data.skipped)} skipped)" if data.skipped else ""))
         start_tracking(accelerator, cfg.to_dict(), cfg.name, run_dir)
         if launcher_precision is not None and launcher_precision.lower() != accelerator.mixed_precision:
             log(f"training in {accelerator.mixed_precision} (train.mixed_precision), not the launcher's "
@@ -474,8 +475,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
                     cond = None
                     if text is not None:  # caption dropout for classifier-free guidance, drawn per image
                         mine = batch[first : first + local_batch]
-                        captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.captions[i]
-                                    for i, g in zip(mine, gens)]
+                        captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout
+                                    else data.caption(i, tc.seed, step) for i, g in zip(mine, gens)]
                         cond = text.encode(captions)
                     inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
                 with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():

@@ -35,7 +35,9 @@ def reference_path(name: str) -> Path:
 def build_reference(data: Path, name: str, device: str, batch_size: int = 64) -> Path:
     from cleanfid import fid
 
-    files = sorted(p for p in Path(data).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    from core.data import image_files
+
+    files = sorted(image_files(Path(data), (".png", ".jpg", ".jpeg"))) if Path(data).is_dir() else []
     if not files:
         raise FileNotFoundError(f"{data}: no images; prepare the dataset first (the README's \"Paper scale\" section, "
                                 "step 1: python -m experiments.data)")

@@ -84,7 +84,8 @@ def reference_images(benchmark: str, data_source: str) -> Path:
 
 
 def image_listing(folder: Path) -> list[Path]:
-    """The images torch-fidelity reads from ``folder`` (recursively; sorted)."""
+    """The images torch-fidelity reads from ``folder`` (recursively, linked folders not followed, as its os.walk;
+    sorted)."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in TF_IMAGE_EXT) if folder.is_dir() else []
 
 
@@ -116,16 +117,23 @@ def cleanfid_problem(benchmark: str, ref_images: Path | str = "<the benchmark's 
 
 
 def torchfidelity_problem(ref: Path, feature_extractor: str = TF_FEATURE_EXTRACTOR) -> str | None:
-    """Why the torch-fidelity metrics cannot be measured now (Inception weights, reference images), or ``None``."""
+    """Why the torch-fidelity metrics cannot be measured now (Inception weights, reference images, some of them out of
+    its reach), or ``None``."""
+    from core.data import image_files
+
     out = []
     if feature_extractor == TF_FEATURE_EXTRACTOR:
         problem = metrics.torchfidelity_inception_problem()
         if problem:
             out.append(problem)
-    if not image_listing(ref):
+    listed = image_listing(ref)
+    if not listed:
         out.append(f"torch-fidelity FID and precision/recall read the reference images themselves (not statistics), "
                    f"and {ref} holds no .png/.jpg images: prepare it (`python -m experiments.data --help`; "
                    "`python -m experiments.<experiment> --scale paper --check` names the command)")
+    elif unread := len(set(image_files(ref, TF_IMAGE_EXT)) - set(listed)):  # training reads them, the metric would not
+        out.append(f"{ref} holds {unread} .png/.jpg images in linked folders, which torch-fidelity does not follow "
+                   "(os.walk): copy them into the folder so that the reference is the whole set")
     return "; ".join(out) or None
 
 

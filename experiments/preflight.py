@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import RunConfig
-from core.data import IMAGE_SUFFIXES
+from core.data import image_files
 from core.hub import hub_offline, hub_reachable, is_hub_id, weights_problem
 from eval.protocols import REFERENCE_DATA  # FID reference images of benchmarks not compared with their training data
 
@@ -51,11 +51,8 @@ def prepare_command(source: str) -> str:
 
 
 def has_images(folder: Path) -> bool:
-    """Whether ``folder`` holds at least one image file (stops at the first one found)."""
-    for path in folder.rglob("*") if folder.is_dir() else ():
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return True
-    return False
+    """Whether ``folder`` holds at least one image file (listed as training lists them: linked folders followed)."""
+    return folder.is_dir() and bool(image_files(folder))
 
 
 def data_missing(cfg: RunConfig, split: str = "train") -> list[Missing]:

@@ -14,9 +14,11 @@ sorted file list [choice: RePaint's own 100 CelebA-HQ images come from LaMa's va
 ``PREPARED.json`` lists each split's source files, so the two are disjoint by construction and checkable.
 
 Images are center-cropped to a square and resized to 256 px (PIL bicubic), written as PNG with a
-``metadata.jsonl`` (``file_name`` and, for COCO, ``caption``). Counts are checked against the
-expected sizes (``--allow-count-mismatch`` to override) and ``PREPARED.json`` records the source,
-count and a SHA-256 of the file listing. Re-running skips images already written.
+``metadata.jsonl`` (``file_name`` and, for COCO, ``caption``). The source images are every image file under
+``--src`` as training lists them (linked folders followed, any format HF imagefolder reads). Counts are checked
+against the expected sizes (``--allow-count-mismatch`` to override) and ``PREPARED.json`` records the source,
+count and a SHA-256 of the file listing; each written folder must hold exactly the images counted (training checks
+the count again). Re-running skips images already written.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from pathlib import Path
 
 from PIL import Image
 
+from core.data import image_files
+
 EXPECTED = {"celebahq": 30_000, "ffhq": 70_000, "coco-train": 82_783, "coco-val": 40_504}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` as training lists them (:func:`core.data.image_files`: linked folders
+    followed, every format HF imagefolder reads), in ``Path`` order (the order the held-out draw was made in)."""
     if not folder.is_dir():
         raise SystemExit(f"{folder}: no such directory")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(image_files(folder))
     if not files:
         raise SystemExit(f"{folder}: no images found")
     return files
@@ -64,6 +69,11 @@ def write_imagefolder(items: list[tuple[Path, dict]], out: Path, size: int, sour
         if k % 5000 == 0:
             print(f"{out.name}: {k}/{len(items)}", flush=True)
     (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    found = image_files(out)
+    if len(found) != len(items):  # what training will read is what was prepared, or nothing is recorded
+        extra = sorted(set(map(str, found)) - {str(out / f"{k:06d}.png") for k in range(len(items))})
+        raise SystemExit(f"{out}: holds {len(found)} image files, {len(items)} prepared; remove the others "
+                         f"(e.g. {extra[0] if extra else '?'}) and prepare again")
     listing = hashlib.sha256("\n".join(str(s) for s, _ in items).encode()).hexdigest()
     (out / "PREPARED.json").write_text(json.dumps({"source": source, "count": len(items), "size": size,
                                                    "source_listing_sha256": listing}, indent=2))
