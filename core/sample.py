@@ -66,6 +66,11 @@ def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
+def load_pngs(paths: Sequence[Path]) -> torch.Tensor:
+    """PNG files -> ``(N, C, H, W)`` float32 in [-1, 1] (:func:`load_png` each)."""
+    return torch.stack([load_png(p) for p in paths])
+
+
 def provenance_path(out_dir: Path) -> Path:
     """``<out_dir>.provenance.json``: what the PNGs in ``out_dir`` were drawn from."""
     return Path(out_dir).with_name(Path(out_dir).name + ".provenance.json")

@@ -67,10 +67,10 @@ def fd_context_vs_digits(paths: Sequence[Path], resolution: int, strides: Sequen
     reference the runs' other digits metrics use)."""
     from core.config import DataConfig
     from core.data import ImageData
-    from experiments.common import load_samples
+    from core.sample import load_pngs
 
     real = ImageData(DataConfig(source="digits", resolution=resolution))
-    return fd_context(load_samples(list(paths)), real.images(range(len(real))), strides)
+    return fd_context(load_pngs(list(paths)), real.images(range(len(real))), strides)
 
 
 def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = STRIDES) -> dict:

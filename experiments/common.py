@@ -40,7 +40,7 @@ from core.config import RunConfig, apply_overrides
 from core.models import sampler_name
 from core.data import ImageData
 from core.runlog import RunLock, read_jsonl
-from core.sample import load_png, sample_pipeline, save_grid
+from core.sample import load_pngs, sample_pipeline, save_grid
 from core.train import recorded_shared, train, training_overrides
 from eval.records import (RECORDS, ROOT, SCALES, RecordError, append_record, cpu_cores, load_records,
                           recorded)
@@ -206,11 +206,6 @@ def tensor_hash(x: torch.Tensor) -> str:
     return hashlib.sha256(x.float().numpy().tobytes()).hexdigest()[:16]
 
 
-def load_samples(paths: list[Path]) -> torch.Tensor:
-    """PNGs -> ``(N, C, H, W)`` in [-1, 1]."""
-    return torch.stack([load_png(p) for p in paths])
-
-
 def exported_checkpoint(run_dir: Path) -> int:
     """The training step ``run_dir/pipeline`` was exported from (its ``provenance.json``); raises if unknown."""
     from core.runlog import read_provenance
@@ -299,7 +294,7 @@ def evaluate_unconditional(
     ref_cfg.split, ref_cfg.num_examples = "train", None
     real_data = ImageData(ref_cfg)
     real = real_data.images(range(len(real_data)))
-    fake = load_samples(paths)
+    fake = load_pngs(paths)
     values = digits_proxy_metrics(fake, real, None if labels is None else np.array(labels))
     values[context_metric()] = fd_context(fake, real)  # the mechanism metric: neighborhood statistics
     values["step_time_s"] = median_step_time(run_dir)
@@ -527,6 +522,9 @@ def main(
                         help="also log every stats.jsonl row (loss terms, LR) to this accelerate tracker "
                              "(<run>/tracking/; needs the tracker's pip package)")
     parser.add_argument("--no-tables", action="store_true", help=argparse.SUPPRESS)  # set for --jobs' workers
+    parser.add_argument("--print-config", action="store_true",
+                        help="print each chosen (preset, seed) run's resolved config as YAML (--set applied, smoke "
+                             "shrinking at --scale smoke), with its training-config hash and overridden keys, and exit")
     parser.add_argument("--check", action="store_true",
                         help="only check that every input of the chosen presets is present (data, weights, FID "
                              "statistics, prompts), list the missing ones with the command that provides each, and exit "
@@ -583,6 +581,19 @@ def main(
             parser.error(str(e))
         if preset.continues and preset.continues not in {p.name for p in presets}:
             parser.error(f"{preset.name} continues {preset.continues!r}, which is not a preset of this experiment")
+    if args.print_config:
+        import yaml
+
+        from core.train import training_config_sha256
+
+        for preset, seed in tasks:
+            cfg = configs[preset.name, seed]
+            print(f"# {preset.name} seed {seed}: train_config_sha256 {training_config_sha256(cfg)}; training keys "
+                  f"overridden: {overrides[preset.name, seed] or 'none'}"
+                  + (f"; continues {preset.continues}" if preset.continues else "")
+                  + (f"; also sampled with {list(preset.extra_samplers)}" if preset.extra_samplers else ""))
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="---\n")
+        return
     try:  # records of another trained model of the same preset and seed: refused before any compute
         check_trained_models(experiment, tasks, configs, overrides, args.scale, records)
     except RecordError as e:

@@ -34,7 +34,8 @@ def test_continued_run_is_exported_sampled_and_recorded_again(tmp_path):
     from core.sample import provenance_path
     from core.train import train
     from eval.records import load_records
-    from experiments.common import Preset, evaluate_unconditional, load_samples
+    from core.sample import load_pngs as load_samples
+    from experiments.common import Preset, evaluate_unconditional
 
     preset = Preset("mini-digits16-baseline", "mini", "baseline", "digits16", {})
     run, records = tmp_path / "run", tmp_path / "rec.jsonl"

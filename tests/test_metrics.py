@@ -123,7 +123,7 @@ def test_fd_context_record_beside_matches_the_direct_value_and_refuses_twice(tmp
     from core.config import DataConfig
     from core.data import ImageData
     from eval.context_stats import fd_context, metric_name, record_beside
-    from experiments.common import load_samples
+    from core.sample import load_pngs as load_samples
 
     test = ImageData(DataConfig(source="digits", resolution=16, split="test"))
     images = test.images(range(8))

@@ -6,7 +6,7 @@ from core.sample import sample_pipeline
 from core.data import digit_caption, ImageData
 from core.config import DataConfig
 from eval.metrics import digits_proxy_metrics
-from experiments.common import load_samples
+from core.sample import load_pngs as load_samples
 run = Path("runs/mini-digits16-t2i-baseline-s0")
 n = 300
 labels = [k % 10 for k in range(n)]
