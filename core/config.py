@@ -248,6 +248,9 @@ class TrainConfig:
     grad_clip: str = "joint"
     context_max_grad_norm: float = 0.0
     grad_accumulation: int = 1
+    # diffusers' EMAModel with its default warm-up, as LDM's LitEma: the decay at optimizer step n is
+    # min(ema_decay, (1 + n) / (10 + n)). With 0.999 that is 0.9955 at 2,000 steps (mean lag about 200 steps), 0.9982 at
+    # 5,000, and 0.999 itself only from about 9,000 steps on (SPEC section 6).
     ema_decay: float = 0.999
     # no | fp16 | bf16, the single source of the run's precision: an `accelerate launch --mixed_precision` that asks
     # for another one is refused (core.train.check_launcher_precision). Paper presets: bf16.
