@@ -18,6 +18,11 @@ PROVENANCE = "provenance.json"  # in an export folder: the checkpoint step it ca
 PACKAGES = ("torch", "diffusers", "accelerate", "datasets", "transformers", "numpy", "pot", "clean-fid", "torch-fidelity")
 
 
+def run_name(preset: str, seed: int) -> str:
+    """A run's name, and its directory's under ``--runs-dir``: ``<preset>-s<seed>`` (the one place it is spelled)."""
+    return f"{preset}-s{seed}"
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
     """``<sha>`` or ``<sha>-dirty``, else ``unknown``. ``$CONPREDIFF_GIT_COMMIT`` overrides both: a copy of
     the tree shipped to another machine sets it to the commit it was copied from (the copy's own .git,

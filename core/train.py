@@ -348,6 +348,7 @@ def train(
 
 def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after: int | None, report_to: str,
            shared_device: bool | None, allow_data_change: bool) -> Path:
+    # Accelerator, precision, and the run directory's config check.
     launcher_precision = check_launcher_precision(cfg)
     check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
@@ -371,6 +372,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     # Frozen encoders compute in bf16 when the run trains in bf16 on a GPU (their outputs come back in float32).
     frozen_dtype = torch.bfloat16 if cuda and accelerator.mixed_precision == "bf16" else torch.float32
 
+    # Data (checked against the last segment's when resuming) and the frozen encoders.
     data = ImageData(cfg.data)
     resume_notes, data_id = [], None
     if main and list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] < cfg.train.steps:  # a resume
@@ -396,6 +398,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         if text.dim != cfg.model.cross_attention_dim:
             raise ConfigError(f"model.cross_attention_dim={cfg.model.cross_attention_dim} must equal the text "
                               f"encoder's hidden size {text.dim}")
+    # Model, EMA, optimizer, LR schedule.
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     discrete = cfg.backbone == "discrete"
     module = build_module(cfg, vae)
@@ -409,6 +412,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     accelerator.register_for_checkpointing(lr_schedule, ema)
     inner = accelerator.unwrap_model(module)
 
+    # Resume.
     start = 0
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
@@ -416,7 +420,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         accelerator.load_state(str(path))
         ema.to(device)  # load_state leaves the EMA weights where torch.load put them (CPU)
         log(f"resumed from {path} (step {start})")
-    if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
+    # This segment's config and environment (a finished run keeps the ones it was trained with).
+    if main and start < tc.steps:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
         env = {"shared_device": sticky_shared(before, shared_device),
@@ -443,6 +448,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             log(f"training in {accelerator.mixed_precision} (train.mixed_precision), not the launcher's "
                 f"{launcher_precision!r}: the config decides")
 
+    # Train.
     micro = tc.batch_size // tc.grad_accumulation
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     batches = micro_batches(MicroBatches(source, tc.seed, tc.batch_size, tc.grad_accumulation, offset, local_batch),
@@ -521,7 +527,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     if progress is not None:
         progress.close()
 
-    # Export the final checkpoint's EMA unless pipeline/ says it holds exactly that checkpoint (a run
+    # Export: the final checkpoint's EMA unless pipeline/ says it holds exactly that checkpoint (a run
     # continued to more steps, or an export from before provenance existed, is exported again).
     pipeline_dir = run_dir / "pipeline"
     last = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else None

@@ -78,11 +78,13 @@ def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = ST
     (same experiment(s), preset, seed, checkpoint, sampler, sample count). Returns the first record written."""
     from importlib.metadata import version
 
+    from core.runlog import run_name
+
     from .records import append_record, load_records
 
     run, sampler = samples.parent.parent.name, samples.name
     records = load_records(records_path)
-    same = [r for r in records if f"{r['preset']}-s{r['seed']}" == run and r["sampler"] == sampler]
+    same = [r for r in records if run_name(r["preset"], r["seed"]) == run and r["sampler"] == sampler]
     anchors = [r for r in same if r["metric"] == "fd_digits"]
     if not anchors:
         raise SystemExit(f"{records_path} has no fd_digits record of run {run} sampled with {sampler}")

@@ -39,7 +39,9 @@ ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEND
 def run_dir_for(runs_dir: Path, scale: str, preset: str, seed: int) -> Path:
     """Where ``experiments.common.main`` trains (preset, seed): ``<runs>/smoke/<name>`` at smoke scale, else
     ``<runs>/<name>`` (shared by the experiments that use the preset)."""
-    name = f"{preset}-s{seed}"
+    from core.runlog import run_name
+
+    name = run_name(preset, seed)
     return runs_dir / "smoke" / name if scale == "smoke" else runs_dir / name
 
 
@@ -365,11 +367,13 @@ def launch(experiment: str, tasks: list, args: argparse.Namespace, records: Path
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "jobs.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    from core.runlog import run_name
+
     executor = executor or make_executor(args, folder)
     done = load_records(records) if records.exists() else []
     outcome, pending = {}, []
     for preset, seed in tasks:
-        name = f"{preset.name}-s{seed}"
+        name = run_name(preset.name, seed)
         argv = ["--presets", preset.name, "--seeds", str(seed), *worker_argv]
         prev = state.get(name)
         if run_finished(experiment, preset.name, seed, args.scale, run_dir_for(args.runs_dir, args.scale, preset.name, seed), done):

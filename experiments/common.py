@@ -39,7 +39,7 @@ import torch
 from core.config import RunConfig, apply_overrides
 from core.models import sampler_name
 from core.data import ImageData
-from core.runlog import RunLock, read_jsonl
+from core.runlog import RunLock, read_jsonl, run_name
 from core.sample import load_pngs, sample_pipeline, save_grid
 from core.train import recorded_shared, train, training_overrides
 from eval.records import (RECORDS, ROOT, SCALES, RecordError, append_record, cpu_cores, load_records,
@@ -75,7 +75,7 @@ class Preset:
     def run_config(self, seed: int) -> RunConfig:
         cfg = copy.deepcopy(self.config)
         cfg.setdefault("train", {})["seed"] = seed
-        cfg["name"] = f"{self.name}-s{seed}"
+        cfg["name"] = run_name(self.name, seed)
         return RunConfig.from_dict(cfg)
 
 
@@ -452,13 +452,13 @@ def run_in_parallel(
         return 0 if p.continues is None or p.continues not in by_name else 1 + depth(by_name[p.continues])
 
     longest_first = sorted(tasks, key=lambda t: (depth(t[0]), -(t[0].expected_minutes or 0)))
-    watches = {(p.name, s): RunWatch(f"{p.name}-s{s}", run_dir_for(args.runs_dir, args.scale, p.name, s))
+    watches = {(p.name, s): RunWatch(run_name(p.name, s), run_dir_for(args.runs_dir, args.scale, p.name, s))
                for p, s in longest_first}
     board = ProgressBoard(list(watches.values()), args.progress_every)
 
     def run(task: tuple[Preset, int]) -> tuple[str, int]:
         preset, seed = task
-        name, t0, watch = f"{preset.name}-s{seed}", time.time(), watches[(preset.name, seed)]
+        name, t0, watch = run_name(preset.name, seed), time.time(), watches[(preset.name, seed)]
         log = logs / f"{experiment}-{name}.log"
         gpu = pool.acquire()
         worker_env = env if gpu is None else dict(env, CUDA_VISIBLE_DEVICES=gpu)
