@@ -53,7 +53,9 @@ def test_scaling_presets_differ_only_where_named():
     assert by_name[preset_name(32, 12500, "baseline")].continues == preset_name(32, 5000, "baseline")
     assert by_name[preset_name(64, 2000, "baseline")].run_config(0).model.block_out_channels == (64, 128, 128)
     assert len(PRESETS) == 10
-
+    # one table cell per (width, budget, arm): eval.tables pools by benchmark, method and steps
+    cells = {(p.benchmark, p.method, p.extra["steps"]) for p in PRESETS}
+    assert len(cells) == 10
 
 def test_trend_is_the_t_test_of_per_seed_slopes():
     """Against a hand computation: slopes by the normal equations, t = mean / (sd / sqrt(n))."""
@@ -89,13 +91,18 @@ def test_report_renders_from_records(tmp_path):
         for seed in (0, 1):
             for sampler in ("ddpm-250-noclip", "ddim-50-noclip"):
                 value = 2.0 + (1.0 + 0.2 * seed if p.method == "conprediff" else 0.0) * 2000 / p.extra["steps"] + 0.1 * seed
-                recs.append(dict(experiment="scaling", benchmark="digits16", method=p.method, scale="mini",
+                recs.append(dict(experiment="scaling", benchmark=p.benchmark, method=p.method, scale="mini",
                                  preset=p.name, seed=seed, metric="fd_digits", value=value, n_samples=1000,
                                  checkpoint=p.extra["steps"], ema=True, sampler=sampler, reference="r", backend="b",
                                  git_commit="x", time="t", train_config_sha256="a", weights_sha256="b", overrides={}))
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     table, fig = write(path, tmp_path)
+    from eval.tables import write_tables
+
+    write_tables(path, tmp_path / "all-tables")  # the other tables and the verdicts list take these records too
+    assert "| scaling | mini | ddpm-250-noclip, 12,500, 1,000 | digits16/c32 | conprediff | baseline |" in (
+        tmp_path / "all-tables" / "verdicts.md").read_text()
     text = table.read_text()
     assert "| fd_digits ↓ | 32 | 12,500 | 2.05 ± 0.071 | 2.226 ± 0.093 | +0.176 [" in text
     assert fig.exists() and fig.stat().st_size > 10_000

@@ -51,7 +51,10 @@ def _cell(width: int, steps: int, method: str, continues: str | None) -> Preset:
                 context={"enabled": method == "conprediff"})
     previous = STEPS[STEPS.index(steps) - 1] if continues else 0
     minutes = _TRAIN_MIN[method] * _WIDTH_COST[width] * (steps - previous) / 2000 + 8 * _WIDTH_COST[width]
-    return Preset(preset_name(width, steps, method), "mini", method, "digits16", cfg, expected_minutes=round(minutes, 1),
+    # The benchmark names the width: eval.tables pools records by (benchmark, method, steps, sampler), and the three
+    # widths' 2,000-step cells must not share one cell (the verdicts list compares the arms per width and budget).
+    return Preset(preset_name(width, steps, method), "mini", method, f"digits16/c{width}", cfg,
+                  expected_minutes=round(minutes, 1),
                   minutes_estimated=True, continues=continues, extra_samplers=(DDIM_50,),
                   extra={"width": width, "steps": steps, "channels": WIDTHS[width]})
 
