@@ -64,20 +64,29 @@ def _gather_plan(height: int, width: int, strides: tuple[int, ...], pattern: str
     return index.reshape(-1), valid.unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=64)
+def device_plan(height: int, width: int, strides: tuple[int, ...], pattern: str, device: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_gather_plan` on ``device``, built and copied there once: a training step then makes no host-to-device
+    copy for it (it made two a step, the step's only syncs on a GPU; issue 30)."""
+    index, valid = _gather_plan(height, width, strides, pattern)
+    return index.to(device), valid.to(device)
+
+
 def gather_neighbors(
     x: torch.Tensor, strides: Sequence[int] = (1, 2, 3), pattern: str = "dilated"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbor values ``(B, H, W, S, K, C)`` and validity ``(1, H, W, S, K)`` of ``x: (B, C, H, W)``.
 
     Invalid entries (outside the image, or padding of a smaller ring) hold an arbitrary value of
-    the map and must be ignored through the mask.
+    the map and must be ignored through the mask. The mask is shared between calls (:func:`device_plan`'s cache):
+    read it, never modify it in place.
     """
     if x.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) map, got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
     strides = tuple(int(s) for s in strides)
-    index, valid = _gather_plan(h, w, strides, pattern)
-    index, valid = index.to(x.device), valid.to(x.device)
+    index, valid = device_plan(h, w, strides, pattern, str(x.device))
     s, k = valid.shape[-2:]
     flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
     values = flat[:, index].view(b, h, w, s, k, c)

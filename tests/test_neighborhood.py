@@ -46,3 +46,26 @@ def test_bad_arguments():
         gather_neighbors(torch.randn(1, 1, 4, 4), (1,), "square")
     with pytest.raises(ValueError, match="stride"):
         gather_neighbors(torch.randn(1, 1, 4, 4), (0,))
+
+
+def test_the_gather_plan_is_built_and_copied_once_per_device():
+    """Issue 30: the plan was copied to the device every step (the step's only host-device syncs on a GPU)."""
+    import torch
+
+    from core.neighborhood import device_plan, gather_neighbors
+
+    device_plan.cache_clear()
+    x = torch.randn(2, 3, 9, 7)
+    first = gather_neighbors(x, (1, 2))
+    second = gather_neighbors(x * 2, (1, 2))
+    assert device_plan.cache_info().misses == 1 and device_plan.cache_info().hits == 1
+    assert first[1] is second[1]  # the same validity tensor, not a fresh copy
+    torch.testing.assert_close(second[0], first[0] * 2)
+    if torch.cuda.is_available():  # no synchronising call in a step once the plan is on the device
+        y = x.cuda()
+        gather_neighbors(y, (1, 2))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gather_neighbors(y, (1, 2))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
