@@ -11,7 +11,8 @@ Example::
 
 The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit; both as training last
 wrote them: invoking a finished run again, e.g. to sample it differently, leaves them),
-``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically) and,
+``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically and durably, finite weights
+only; a resume skips one that does not load, moving it to ``checkpoints/damaged-checkpoint-N/``) and,
 when training ends, ``pipeline/``: the EMA UNet and scheduler in diffusers layout, without the
 context decoder, with ``provenance.json`` naming the checkpoint it was exported from (a run continued
 to more steps is exported again). Batch size is global and duration is in optimizer steps, whatever the number of
@@ -53,6 +54,49 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; training stopped before touching any checkpoint."""
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """The model's or the EMA's weights hold NaN or infinity: such a checkpoint or export is never written."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run loads completely: resume stops rather than train from step 0 over them."""
+
+
+def non_finite_weights(**groups) -> str:
+    """``""`` if every tensor of every group (``name=iterable of tensors``) is finite, else which groups are not, e.g.
+    ``"model: 3 of 57 tensors, EMA: 3 of 57 tensors"`` (one device sync)."""
+    counts = {}
+    for name, tensors in groups.items():
+        tensors = list(tensors)
+        flags = [~torch.isfinite(t.detach()).all() for t in tensors]
+        counts[name] = (int(torch.stack(flags).sum()) if flags else 0, len(tensors))
+    return ", ".join(f"{name}: {bad} of {n} tensors" for name, (bad, n) in counts.items() if bad)
+
+
+def fsync_path(path: Path) -> None:
+    """``fsync`` a file or a folder (a folder's entries: new names, renames)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Make every file of ``folder`` durable (``fsync`` the files, then the folders) and give them all one mode, that
+    of a new file here (0o666 less the umask; safetensors writes its files 0600, torch.save 0644): what a rename of
+    ``folder`` then publishes is complete even after a crash or power loss."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = sorted(folder.rglob("*"))
+    for p in paths:
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
+            fsync_path(p)
+    for d in [*(p for p in paths if p.is_dir()), folder]:
+        fsync_path(d)
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints ``(step, path)`` in step order; half-written ones are ignored."""
     root = Path(run_dir) / CHECKPOINTS
@@ -67,7 +111,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # Keys that only say how a trained model is sampled: training never reads them, so a finished (or resumed) run may be
 # evaluated again under another sampler without --allow-config-change (samples and records are named by the sampler).
 SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "eta", "clip_sample", "guidance_scale",
-                                                  "sampling_dtype"))
+                                                  "sampling_dtype", "timestep_spacing", "steps_offset"))
 
 
 # Keys that change neither a training step nor the trained weights: the run's name, how it is sampled, how often it
@@ -232,13 +276,15 @@ def export_pipeline(
 
     Unconditional pixel models load with ``DDPMPipeline.from_pretrained``; a latent model also gets
     ``vae/`` (the frozen autoencoder), which ``core.sample`` uses to decode. ``provenance.json`` names
-    the checkpoint ``step`` the weights come from.
+    the checkpoint ``step`` the weights come from. Non-finite weights are refused (:class:`NonFiniteWeightsError`),
+    ``out_dir`` left as it was.
     """
     from diffusers import DDPMPipeline
 
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet.parameters())
+    check_export(unet, out_dir, step)
     with atomic_dir(out_dir) as tmp:
         if type(unet).__name__ == "UNet2DModel":
             DDPMPipeline(unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
@@ -253,14 +299,25 @@ def export_pipeline(
     return out_dir
 
 
+def check_export(model: torch.nn.Module, out_dir: Path, step: int | None) -> None:
+    """Refuse to export (EMA) weights that are not finite: every sample drawn from them would be NaN."""
+    problem = non_finite_weights(weights=model.parameters())
+    if problem:
+        raise NonFiniteWeightsError(f"refusing to export {out_dir}: the (EMA) weights of checkpoint {step} are not "
+                                    f"finite ({problem}); {out_dir} left as it was")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: Path):
-    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir`` in one rename."""
+    """Yield a temporary sibling folder to fill; on success it is made durable (:func:`sync_tree`) and replaces
+    ``out_dir`` in one rename."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     yield tmp
+    sync_tree(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
 
 
 def train(
@@ -340,13 +397,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     accelerator.register_for_checkpointing(lr_schedule, ema)
     inner = accelerator.unwrap_model(module)
 
-    start = 0
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        start, path = checkpoints[-1]
-        accelerator.load_state(str(path))
-        ema.to(device)  # load_state leaves the EMA weights where torch.load put them (CPU)
-        log(f"resumed from {path} (step {start})")
+    # The newest checkpoint that loads completely with finite weights; damaged newer ones are moved aside, logged.
+    start, intact = resume_newest_intact(accelerator, run_dir, module, ema, log)
     if main and start < tc.steps:  # a finished run keeps the config and environment it was trained with
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
@@ -409,10 +461,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
         reduced = accelerator.reduce(torch.stack([totals[k] for k in names]), "mean")
         if not torch.isfinite(reduced).all():
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, reduced.tolist()))
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({terms}); the last checkpoint "
-                f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
-            )
+            raise NonFiniteLossError(f"non-finite loss at step {step} ({terms}); {intact_note(intact)}")
         grad_norms = clip_gradients(accelerator, inner, tc)
         optimizer.step()
         lr_schedule.step()
@@ -428,8 +477,11 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             progress.update(1)
             progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
         if done % tc.checkpoint_every == 0 or done == tc.steps:
-            save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
-            checkpoints = list_checkpoints(run_dir)
+            problem = non_finite_weights(model=module.parameters(), EMA=ema.shadow_params)
+            if problem:  # the same on every process (replicated weights): all stop here
+                raise NonFiniteWeightsError(f"non-finite weights after step {done} ({problem}; loss finite); "
+                                            f"checkpoint-{done} was not written; {intact_note(intact)}")
+            intact = save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
     if progress is not None:
         progress.close()
 
@@ -508,6 +560,7 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: 
     """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
     denoiser = copy.deepcopy(module.denoiser).to("cpu")
     ema.copy_to(denoiser.parameters())
+    check_export(denoiser, out_dir, step)
     with atomic_dir(out_dir) as tmp:
         denoiser.unet.save_pretrained(tmp / "unet")
         torch.save(denoiser.embed.state_dict(), tmp / "token_embedding.pt")
@@ -518,8 +571,18 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: 
     return out_dir
 
 
+def intact_note(path: Path | None) -> str:
+    """What a training error says about the checkpoint a rerun resumes from: the one this process last wrote or
+    loaded, complete and with finite weights (it is never rotated away), or none."""
+    if path is None:
+        return "no checkpoint was written or loaded by this run"
+    return f"the last checkpoint, {path}, is intact (written or loaded completely by this run, finite weights)"
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the newest ``keep``."""
+    """``accelerator.save_state`` into a temporary folder, made durable (:func:`sync_tree`: every file fsynced, one
+    mode), then the done marker (fsynced) and an atomic rename; a crash at any point leaves no complete-looking
+    checkpoint half written. Then keep the newest ``keep``, never deleting the one just written."""
     root = run_dir / CHECKPOINTS
     final, tmp = root / f"checkpoint-{step}", root / f"tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -529,13 +592,53 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        sync_tree(tmp)  # every process's files, before the marker that says they are complete
         (tmp / DONE_MARKER).write_text(json.dumps({"step": step}))
+        sync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        fsync_path(root)
+        others = [p for _, p in list_checkpoints(run_dir) if p != final]
+        for old in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_newest_intact(accelerator: Accelerator, run_dir: Path, module: torch.nn.Module, ema: EMAModel,
+                         log) -> tuple[int, Path | None]:
+    """Load the newest checkpoint of ``run_dir`` that loads completely on every process with finite model and EMA
+    weights; returns ``(step, path)``, ``(0, None)`` when there is none. Newer ones that fail (truncated or
+    unreadable files, non-finite weights) are logged with the reason and moved to ``damaged-checkpoint-N`` (so that
+    rotation never counts them). Raises :class:`CheckpointError` naming every checkpoint and why when none loads:
+    training from step 0 would bury them."""
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            accelerator.load_state(str(path))
+            ema.to(accelerator.device)  # load_state leaves the EMA weights where torch.load put them (CPU)
+            problem = non_finite_weights(model=module.parameters(), EMA=ema.shadow_params)
+            why = f"non-finite weights ({problem})" if problem else ""
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (whatever the files' damage, the next checkpoint is tried)
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        failed = accelerator.reduce(torch.tensor([float(bool(why))], device=accelerator.device), "sum")
+        if not failed.item():
+            for bad, reason in skipped:
+                aside = bad.with_name(f"damaged-{bad.name}")
+                if accelerator.is_main_process:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(bad, aside)
+                log(f"skipped {bad} ({reason}); moved it to {aside.name}")
+            accelerator.wait_for_everyone()
+            log(f"resumed from {path} (step {step})")
+            return step, path
+        skipped.append((path, why or "failed to load on another process"))
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no checkpoint loads: " + "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                              + "; restore one, or move them out of checkpoints/ to train from step 0")
+    return 0, None
 
 
 def load_config(config: str | None, overrides: list[str]) -> RunConfig:
