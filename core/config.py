@@ -161,6 +161,7 @@ class ModelConfig:
 
 
 SAMPLING_DTYPES = ("fp32", "bf16")  # diffusion.sampling_dtype, core.sample's --dtype
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusion.timestep_spacing (diffusers' names)
 
 
 @dataclass
@@ -172,6 +173,13 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"
     sampler: str = "ddim"
     sampling_steps: int = 50
+    # Which timesteps a DDIM/DDPM sampler of sampling_steps steps visits (diffusers' timestep_spacing and
+    # steps_offset; RePaint has its own schedule). leading + 0 (diffusers' default, what every mini result was drawn
+    # with): DDIM-50 visits 980, 960, ..., 0. leading + 1 is LDM's DDIM (996, 991, ..., 1 at 200 steps; SPEC section
+    # 6); trailing starts at the end of the schedule (999, ...). A setting that would leave the schedule, repeat a
+    # timestep or start in its lower half (1 step with leading: t = 0 only, the initial noise returned) is refused.
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
     guidance_scale: float = 1.0  # classifier-free guidance at sampling (text-to-image)
     eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like noise (Song et al. 2021); LDM-4 FFHQ samples with 1
     # Clamp each step's x0 prediction to [-1, 1] (DDIM, DDPM and RePaint). Off by default [choice]: at mini
@@ -203,6 +211,16 @@ class DiffusionConfig:
         _check(f"{p}.eta", self.eta == 0 or self.sampler == "ddim", "only the ddim sampler takes eta")
         _check(f"{p}.sampling_steps", 1 <= self.sampling_steps <= self.num_train_timesteps,
                f"must be in [1, num_train_timesteps={self.num_train_timesteps}]")
+        _choice(f"{p}.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check(f"{p}.steps_offset", self.steps_offset >= 0, "must be >= 0")
+        from .models import build_scheduler, check_sampling_timesteps, sampling_scheduler
+
+        try:  # the timesteps the sampler would visit, from diffusers itself (no model involved)
+            check_sampling_timesteps(sampling_scheduler(build_scheduler(self), self.sampler, None,
+                                                        self.timestep_spacing, self.steps_offset), self.sampling_steps)
+        except ValueError as e:
+            raise ConfigError(f"{p}.sampling_steps={self.sampling_steps} with {p}.sampler={self.sampler!r}, "
+                              f"timestep_spacing={self.timestep_spacing!r}, steps_offset={self.steps_offset}: {e}") from None
 
 
 @dataclass

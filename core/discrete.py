@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .objective import ContextPrediction, FeatureTap, last_block, uniform_timesteps
+from .sample import check_finite
 
 EPS = 1e-30
 
@@ -143,11 +144,13 @@ class MaskReplaceDiffusion:
 
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, shape: tuple[int, int, int], generators: Sequence[torch.Generator], device="cpu"):
-        """Ancestral sampling from all-[MASK] tokens ``(B, H, W)``; one generator per image."""
+        """Ancestral sampling from all-[MASK] tokens ``(B, H, W)``; one generator per image. Non-finite logits stop it
+        (:class:`~core.sample.NonFiniteSampleError`, naming the step) before they are drawn from."""
         x = torch.full(shape, self.k, dtype=torch.long, device=device)
         for step in range(self.t_max - 1, -1, -1):
             t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-            x = self._draw(self.posterior(x, F.softmax(denoiser(x, t).double(), 1), t), generators)
+            logits = check_finite(denoiser(x, t), f"the token denoiser's logits at t={step}")
+            x = self._draw(self.posterior(x, F.softmax(logits.double(), 1), t), generators)
         return x
 
 

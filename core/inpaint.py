@@ -45,6 +45,8 @@ from diffusers.schedulers.scheduling_repaint import RePaintSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw
 
+from .sample import check_finite
+
 MASK_KINDS = ("wide", "narrow", "super_resolve_2x", "alternating_lines", "half", "expand")
 # Stroke geometry at 256 px, [low, high) as numpy's integers: count per mask, width in px.
 WIDE_COUNT, WIDE_WIDTH = (4, 8), (28, 56)
@@ -171,7 +173,8 @@ def repaint(
 
     ``clip_sample`` clamps each step's x0 prediction to [-1, 1] (``None``: as the scheduler config says).
     ``eta``: noise of each step in the unknown region, 1 = ancestral as RePaint (default), 0 = deterministic DDIM.
-    Raises ``ValueError`` for ``eta`` outside [0, 1].
+    Raises ``ValueError`` for ``eta`` outside [0, 1], :class:`~core.sample.NonFiniteSampleError` at the first step
+    whose output is not finite.
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"RePaint eta={eta}; allowed: 0 <= eta <= 1 (1 = ancestral, as RePaint)")
@@ -190,6 +193,7 @@ def repaint(
         if t_cur < t_last:  # denoise x_t -> x_{t-1}, pasting the known region noised to level t-1
             t = torch.tensor(t_last, device=device)
             x = scheduler.step(unet(x, t).sample, t_last, x, original, mask, gens).prev_sample
+            check_finite(x, f"the RePaint step at t={t_last}")  # stops at the first NaN (diverged weights)
         else:  # jump back: x_{t-1} -> x_t
             x = scheduler.undo_step(x, t_cur, gens)
     return x.clamp(-1, 1)

@@ -78,25 +78,62 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     )
 
 
-def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str, clip_sample: bool | None = None):
+def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str, clip_sample: bool | None = None,
+                       timestep_spacing: str | None = None, steps_offset: int | None = None):
     """DDIM or DDPM scheduler sharing the training scheduler's betas.
 
-    ``clip_sample`` (clamp every step's x0 prediction to [-1, 1]) overrides the exported config's value;
-    ``None`` keeps it. Pipelines exported before ``diffusion.clip_sample`` existed say ``True``.
+    ``clip_sample`` (clamp every step's x0 prediction to [-1, 1]), ``timestep_spacing`` and ``steps_offset`` (which
+    timesteps ``set_timesteps`` picks: ``diffusion.timestep_spacing`` / ``steps_offset``) override the exported
+    config's values; ``None`` keeps them. Pipelines exported before ``diffusion.clip_sample`` existed say ``True``;
+    every export says ``leading`` and 0 (diffusers' defaults).
     """
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[sampler]
-    over = {} if clip_sample is None else {"clip_sample": clip_sample}
+    over = {k: v for k, v in (("clip_sample", clip_sample), ("timestep_spacing", timestep_spacing),
+                              ("steps_offset", steps_offset)) if v is not None}
     return cls.from_config(train_scheduler.config, **over)
+
+
+def check_sampling_timesteps(scheduler, steps: int) -> list[int]:
+    """Set ``steps`` timesteps on ``scheduler`` and return them, or raise ``ValueError`` when they would not sample
+    what ``steps`` says: a ``steps_offset`` that diffusers ignores (it adds it with ``leading`` spacing only), a
+    timestep outside [0, T-1] (diffusers would index past its table: DDPM-1000 with ``steps_offset=1`` visits 1000),
+    fewer than ``steps`` distinct decreasing timesteps, or a first timestep in the
+    lower half of the schedule (t < T/2): the reverse process starts from pure noise, which only the upper half
+    describes, and a 1-step ``leading`` (or ``linspace``) sampler visits t = 0 only and returns its initial noise.
+    """
+    T, spacing, offset = (scheduler.config.num_train_timesteps, scheduler.config.timestep_spacing,
+                          scheduler.config.steps_offset)
+    if offset and spacing != "leading":
+        raise ValueError(f"steps_offset={offset} is applied with timestep_spacing='leading' only; diffusers ignores it "
+                         f"with {spacing!r}")
+    scheduler.set_timesteps(steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    shown = ("timestep " if len(ts) == 1 else "timesteps ") + ", ".join(map(str, ts[:3])) + (
+        f", ..., {ts[-1]}" if len(ts) > 3 else "")
+    if min(ts) < 0 or max(ts) > T - 1:
+        raise ValueError(f"the sampler would visit {shown}, outside the schedule's 0..{T - 1}; lower steps_offset or "
+                         f"the number of steps")
+    if len(ts) != steps or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"the sampler would visit {shown}, not {steps} distinct decreasing timesteps")
+    if ts[0] < T // 2:
+        raise ValueError(f"the sampler would visit {shown}, starting in the lower half of the {T}-step schedule: it "
+                         f"would return its initial noise nearly unchanged; use timestep_spacing='trailing' (starts at "
+                         f"{T - 1}) or more steps")
+    return ts
 
 
 def sampler_name(cfg: DiffusionConfig, backbone: str = "pixel") -> str:
     """How samples were drawn, as records and sample folders name it: ``ddim-50-noclip``, ``ddim-50-clip-cfg2``,
-    ``ddim-200-eta1-noclip`` (DDIM's eta is named only when it is not 0), ``ddim-50-noclip-bf16`` (a UNet sampling
-    in bf16, ``diffusion.sampling_dtype``: never one table cell with fp32 samples)."""
+    ``ddim-200-eta1-noclip`` (DDIM's eta is named only when it is not 0), ``ddim-200-offset1-noclip`` (timesteps
+    other than diffusers' default ``leading`` spacing with offset 0 are named: ``-offset1``, ``-trailing``),
+    ``ddim-50-noclip-bf16`` (a UNet sampling in bf16, ``diffusion.sampling_dtype``: never one table cell with fp32
+    samples)."""
     if backbone == "discrete":
         return f"mask-replace-ancestral-{cfg.num_train_timesteps}"
     eta = f"-eta{cfg.eta:g}" if cfg.eta else ""
-    name = f"{cfg.sampler}-{cfg.sampling_steps}{eta}-{'clip' if cfg.clip_sample else 'noclip'}"
+    spacing = f"-{cfg.timestep_spacing}" if cfg.timestep_spacing != "leading" else ""
+    spacing += f"-offset{cfg.steps_offset}" if cfg.steps_offset else ""
+    name = f"{cfg.sampler}-{cfg.sampling_steps}{eta}{spacing}-{'clip' if cfg.clip_sample else 'noclip'}"
     name += f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale != 1.0 else ""
     return name + ("-bf16" if cfg.sampling_dtype == "bf16" else "")
 

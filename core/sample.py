@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import SAMPLING_DTYPES
-from .models import sampling_scheduler
+from .config import SAMPLING_DTYPES, TIMESTEP_SPACINGS
+from .models import check_sampling_timesteps, sampling_scheduler
 from .runlog import pipeline_files_hash, read_provenance, write_atomic
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
@@ -47,8 +47,31 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+class NonFiniteSampleError(FloatingPointError):
+    """A sampler produced NaN or infinite values (diverged weights): written as PNGs they would be black or saturated
+    images that the metrics would score as samples. ``rows``: the images of the batch (0-based) that are not finite;
+    :func:`write_missing_pngs` names their keys (seeds) and the folders."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` (one row per image) unchanged if every value is finite, else :class:`NonFiniteSampleError` naming
+    ``what`` (e.g. the sampler and step) and the rows. Every sampler calls it after each step, so sampling stops at
+    the first non-finite output."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteSampleError(f"non-finite values in {what} for {len(rows)} of {len(x)} images", rows)
+    return x
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``(B, C, H, W)`` in [-1, 1] -> ``(B, H, W, C)`` uint8."""
+    """``(B, C, H, W)`` in [-1, 1] -> ``(B, H, W, C)`` uint8; :class:`NonFiniteSampleError` if any value is NaN or
+    infinite (clamped, NaN would become black and infinity white: images the sampler never drew)."""
+    check_finite(x, "the images to write")
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -102,7 +125,7 @@ def clear_stale_pngs(out_dir: Path, provenance: dict) -> int:
 
 def write_missing_pngs(
     out_dir: Path, keys: Sequence[int], batch_size: int, render: Callable[[list[int]], np.ndarray], state,
-    provenance: dict | None = None,
+    provenance: dict | None = None, source: str | Path | None = None,
 ) -> list[Path]:
     """Write ``<out_dir>/<key:06d>.png`` for the keys that lack one, this process's share, ``batch_size`` at a time.
 
@@ -110,7 +133,9 @@ def write_missing_pngs(
     so any process count and any interruption give the same files. ``provenance`` (JSON-able: the
     pipeline's checkpoint and the settings the images depend on) is kept beside the folder; PNGs of any
     other provenance are deleted and drawn again (:func:`clear_stale_pngs`). Returns the paths of all
-    ``keys``; raises ``RuntimeError`` naming the folder if any is still missing.
+    ``keys``; raises ``RuntimeError`` naming the folder if any is still missing. A batch that ``render`` finds
+    non-finite (:class:`NonFiniteSampleError`) writes no PNG and stops sampling with one line naming its keys,
+    ``source`` (the exported pipeline drawn from) and ``out_dir``.
     """
     from tqdm.auto import tqdm
 
@@ -126,7 +151,15 @@ def write_missing_pngs(
     mine = todo[state.process_index :: state.num_processes]
     for i in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc=f"writing {out_dir.name}"):
         batch = mine[i : i + batch_size]
-        for key, img in zip(batch, render_fitting(render, batch)):
+        try:
+            images = render_fitting(render, batch)
+        except NonFiniteSampleError as e:
+            bad = [batch[r] for r in e.rows]
+            raise NonFiniteSampleError(
+                f"sampling {source or 'the model'} into {out_dir} stopped: {e} (seed(s) {', '.join(map(str, bad[:8]))}"
+                f"{', ...' if len(bad) > 8 else ''}); no PNG written for its batch of {len(batch)}: the exported "
+                f"weights give NaN or infinite samples (diverged training? see the run's stats.jsonl)", bad) from None
+        for key, img in zip(batch, images):
             save_png(img, out_dir / f"{key:06d}.png")
     state.wait_for_everyone()
     paths = [out_dir / f"{k:06d}.png" for k in keys]
@@ -183,6 +216,9 @@ def denoise(
     ``eta``: DDIM's noise scale (0 deterministic, 1 as LDM-4 FFHQ samples); DDIM schedulers only.
     ``dtype``: ``fp32``, or ``bf16``: the UNet runs under ``torch.autocast`` in bfloat16 (its output is cast back to
     float32; the scheduler's update stays in float32).
+    The scheduler's timesteps are checked before the first UNet call (:func:`~core.models.check_sampling_timesteps`:
+    ``ValueError`` for a setting that would not sample, e.g. 1 ``leading`` step); every step's output is checked
+    finite (:class:`NonFiniteSampleError` at the first NaN or infinity, naming the step).
     """
     from diffusers import DDIMScheduler
 
@@ -196,9 +232,9 @@ def denoise(
     c, s = unet.config.in_channels, unet.config.sample_size
     gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     x = torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
-    scheduler.set_timesteps(steps)
+    timesteps = check_sampling_timesteps(scheduler, steps)
     x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         with autocast:
             if cond is None:
                 eps = unet(x, t).sample.float()
@@ -209,6 +245,7 @@ def denoise(
                 eps_u, eps_c = both.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
         x = scheduler.step(eps, t, x, generator=gens, **step_kwargs).prev_sample  # per-image noise (DDPM, DDIM eta > 0)
+        check_finite(x, f"the {type(scheduler).__name__} step at t={timesteps[i]} (step {i + 1} of {steps})")
     return x
 
 
@@ -224,6 +261,8 @@ def sample_pipeline(
     clip_sample: bool | None = None,
     eta: float = 0.0,
     dtype: str = "fp32",
+    timestep_spacing: str | None = None,
+    steps_offset: int | None = None,
 ) -> list[Path]:
     """Sample the missing ``<seed>.png`` files of ``seeds`` into ``out_dir``; returns all their paths.
 
@@ -241,6 +280,9 @@ def sample_pipeline(
     pipeline (checkpoint, files hash) and settings, and PNGs of any other provenance are deleted and drawn again.
     ``dtype="bf16"`` runs the UNet in bfloat16 (:func:`denoise`; the autoencoder decodes in float32) and is recorded
     in the provenance (``"dtype": "bf16"``; fp32 provenance is unchanged from before the option existed).
+    ``timestep_spacing`` / ``steps_offset`` choose the timesteps (:func:`~core.models.sampling_scheduler`; ``None``:
+    the export's, diffusers' ``leading`` and 0); other values than those are recorded in the provenance.
+    Non-finite samples stop sampling before their PNGs are written (:class:`NonFiniteSampleError`).
     """
     from accelerate import PartialState
 
@@ -252,10 +294,15 @@ def sample_pipeline(
     unet = load_unet(Path(pipeline_dir)).to(state.device).eval()
     from diffusers import DDPMScheduler
 
-    scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler, clip_sample)
+    scheduler = sampling_scheduler(DDPMScheduler.from_pretrained(Path(pipeline_dir) / "scheduler"), sampler, clip_sample,
+                                   timestep_spacing, steps_offset)
+    check_sampling_timesteps(scheduler, steps)  # before any weights or PNGs are touched
+    spacing, offset = scheduler.config.timestep_spacing, scheduler.config.steps_offset
     provenance = {"pipeline": pipeline_provenance(pipeline_dir), "sampler": sampler, "steps": steps,
                   "clip_sample": bool(scheduler.config.get("clip_sample", False)), "guidance_scale": guidance_scale,
-                  "eta": eta, **({"dtype": dtype} if dtype != "fp32" else {})}
+                  "eta": eta, **({"dtype": dtype} if dtype != "fp32" else {}),
+                  **({"timestep_spacing": spacing} if spacing != "leading" else {}),
+                  **({"steps_offset": offset} if offset else {})}
     text = None
     if (Path(pipeline_dir) / "text_encoder.json").exists():
         from .text import TextEncoder
@@ -278,9 +325,9 @@ def sample_pipeline(
             cond = text.encode([prompt_of[s] for s in batch])
             uncond = text.encode([""] * len(batch))
         x = denoise(unet, scheduler, batch, steps, state.device, cond, uncond, guidance_scale, eta, dtype)
-        return to_uint8(vae.decode(x) if vae else x)
+        return to_uint8(check_finite(vae.decode(x), "the autoencoder's decoding") if vae else x)
 
-    return write_missing_pngs(out_dir, seeds, batch_size, render, state, provenance)
+    return write_missing_pngs(out_dir, seeds, batch_size, render, state, provenance, pipeline_dir)
 
 
 def sample_discrete(pipeline_dir: Path, out_dir: Path, seeds: list[int], batch_size: int, state) -> list[Path]:
@@ -300,7 +347,7 @@ def sample_discrete(pipeline_dir: Path, out_dir: Path, seeds: list[int], batch_s
         return to_uint8(quant.decode(diffusion.sample(denoiser, (len(batch), size, size), gens, state.device)))
 
     provenance = {"pipeline": pipeline_provenance(pipeline_dir), "sampler": "mask-replace-ancestral"}
-    return write_missing_pngs(out_dir, seeds, batch_size, render, state, provenance)
+    return write_missing_pngs(out_dir, seeds, batch_size, render, state, provenance, pipeline_dir)
 
 
 def compare_batch_sizes(
@@ -362,13 +409,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic; LDM-4 FFHQ: 1)")
     parser.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
                         help="clamp each step's x0 prediction to [-1, 1] (default: as the pipeline's scheduler config)")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
+                        help="which timesteps the sampler visits (default: the pipeline's scheduler config, 'leading')")
+    parser.add_argument("--steps-offset", type=int,
+                        help="added to every timestep (LDM's DDIM: 1 with leading spacing; default: the pipeline's, 0)")
     parser.add_argument("--dtype", choices=SAMPLING_DTYPES, default="fp32",
                         help="what the UNet computes in (bf16: autocast; name the --out folder with -bf16)")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(len(seeds))] if args.prompt else None
     paths = sample_pipeline(args.pipeline, args.out, seeds, args.sampler, args.steps, args.batch_size, prompts,
-                            args.guidance_scale, args.clip_sample, args.eta, args.dtype)
+                            args.guidance_scale, args.clip_sample, args.eta, args.dtype, args.timestep_spacing,
+                            args.steps_offset)
     if args.grid:
         save_grid(paths[:64], args.grid)
 

@@ -11,7 +11,8 @@ Example::
 
 The run directory holds ``config.yaml`` (resolved), ``env.json`` (versions, git commit; both as training last
 wrote them: invoking a finished run again, e.g. to sample it differently, leaves them),
-``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically) and,
+``log.txt``, ``stats.jsonl``, ``checkpoints/checkpoint-N/`` (rotating, written atomically and durably, finite weights
+only; a resume skips one that does not load, moving it to ``checkpoints/damaged-checkpoint-N/``) and,
 when training ends, ``pipeline/``: the EMA UNet and scheduler in diffusers layout, without the
 context decoder, with ``provenance.json`` naming the checkpoint it was exported from (a run continued
 to more steps is exported again). Batch size is global and duration is in optimizer steps, whatever the number of
@@ -53,6 +54,49 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; training stopped before touching any checkpoint."""
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """The model's or the EMA's weights hold NaN or infinity: such a checkpoint or export is never written."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run loads completely: resume stops rather than train from step 0 over them."""
+
+
+def non_finite_weights(**groups) -> str:
+    """``""`` if every tensor of every group (``name=iterable of tensors``) is finite, else which groups are not, e.g.
+    ``"model: 3 of 57 tensors, EMA: 3 of 57 tensors"`` (one device sync)."""
+    counts = {}
+    for name, tensors in groups.items():
+        tensors = list(tensors)
+        flags = [~torch.isfinite(t.detach()).all() for t in tensors]
+        counts[name] = (int(torch.stack(flags).sum()) if flags else 0, len(tensors))
+    return ", ".join(f"{name}: {bad} of {n} tensors" for name, (bad, n) in counts.items() if bad)
+
+
+def fsync_path(path: Path) -> None:
+    """``fsync`` a file or a folder (a folder's entries: new names, renames)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Make every file of ``folder`` durable (``fsync`` the files, then the folders) and give them all one mode, that
+    of a new file here (0o666 less the umask; safetensors writes its files 0600, torch.save 0644): what a rename of
+    ``folder`` then publishes is complete even after a crash or power loss."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = sorted(folder.rglob("*"))
+    for p in paths:
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
+            fsync_path(p)
+    for d in [*(p for p in paths if p.is_dir()), folder]:
+        fsync_path(d)
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints ``(step, path)`` in step order; half-written ones are ignored."""
     root = Path(run_dir) / CHECKPOINTS
@@ -67,7 +111,8 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # Keys that only say how a trained model is sampled: training never reads them, so a finished (or resumed) run may be
 # evaluated again under another sampler without --allow-config-change (samples and records are named by the sampler).
 SAMPLING_KEYS = tuple(f"diffusion.{k}" for k in ("sampler", "sampling_steps", "eta", "clip_sample", "guidance_scale",
-                                                  "sampling_dtype", "sampling_batch"))
+                                                  "sampling_dtype", "sampling_batch", "timestep_spacing",
+                                                  "steps_offset"))
 
 
 # Keys that change neither a training step nor the trained weights: the run's name, how it is sampled, how often it
@@ -290,13 +335,15 @@ def export_pipeline(
     autoencoder in float32 as ``vqvae/`` (its ``scaling_factor`` set, which LDMPipeline divides by before decoding),
     so its images come out at the data resolution. A text-conditional UNet is saved as ``unet/``, ``scheduler/``
     and ``vae/`` with ``text_encoder.json`` naming its frozen encoder (no stock pipeline takes our text tower);
-    ``core.sample`` loads every layout. ``provenance.json`` names the checkpoint ``step`` the weights come from.
+    ``core.sample`` loads every layout. ``provenance.json`` names the checkpoint ``step`` the weights come from. Non-finite weights are refused
+    (:class:`NonFiniteWeightsError`), ``out_dir`` left as it was.
     """
     from diffusers import DDPMPipeline, LDMPipeline
 
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet.parameters())
+    check_export(unet, out_dir, step)
     with atomic_dir(out_dir) as tmp:
         if type(unet).__name__ == "UNet2DModel" and vae is not None:
             LDMPipeline(vqvae=vae.fp32_model(), unet=unet, scheduler=train_scheduler).save_pretrained(tmp)
@@ -313,14 +360,25 @@ def export_pipeline(
     return out_dir
 
 
+def check_export(model: torch.nn.Module, out_dir: Path, step: int | None) -> None:
+    """Refuse to export (EMA) weights that are not finite: every sample drawn from them would be NaN."""
+    problem = non_finite_weights(weights=model.parameters())
+    if problem:
+        raise NonFiniteWeightsError(f"refusing to export {out_dir}: the (EMA) weights of checkpoint {step} are not "
+                                    f"finite ({problem}); {out_dir} left as it was")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: Path):
-    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir`` in one rename."""
+    """Yield a temporary sibling folder to fill; on success it is made durable (:func:`sync_tree`) and replaces
+    ``out_dir`` in one rename."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     yield tmp
+    sync_tree(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
 
 
 def train(
@@ -342,15 +400,17 @@ def train(
     segment (:func:`check_resume`).
     """
     run_dir = Path(run_dir)
+    # Settings refused before anything is created, the run directory included.
+    launcher_precision = check_launcher_precision(cfg)
+    check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # one owner per run directory
-        return _train(cfg, run_dir, allow_config_change, stop_after, report_to, shared_device, allow_data_change)
+        return _train(cfg, run_dir, allow_config_change, stop_after, report_to, shared_device, allow_data_change,
+                      launcher_precision)
 
 
 def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after: int | None, report_to: str,
-           shared_device: bool | None, allow_data_change: bool) -> Path:
-    # Accelerator, precision, and the run directory's config check.
-    launcher_precision = check_launcher_precision(cfg)
-    check_precision(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+           shared_device: bool | None, allow_data_change: bool, launcher_precision: str | None) -> Path:
+    # Accelerator and the run directory's config check.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
                               **accelerator_kwargs(report_to, run_dir))
     check_precision(cfg, accelerator.device.type, accelerator.native_amp)
@@ -412,14 +472,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     accelerator.register_for_checkpointing(lr_schedule, ema)
     inner = accelerator.unwrap_model(module)
 
-    # Resume.
-    start = 0
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        start, path = checkpoints[-1]
-        accelerator.load_state(str(path))
-        ema.to(device)  # load_state leaves the EMA weights where torch.load put them (CPU)
-        log(f"resumed from {path} (step {start})")
+    # Resume: the newest checkpoint that loads completely with finite weights; damaged newer ones are moved aside.
+    start, intact = resume_newest_intact(accelerator, run_dir, module, ema, log)
     # This segment's config and environment (a finished run keeps the ones it was trained with).
     if main and start < tc.steps:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -498,10 +552,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             reduced, (stopping, timed) = reduced[: len(names)], (reduced[len(names):] > 0).tolist()
             if not torch.isfinite(reduced).all():
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, reduced.tolist()))
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} ({terms}); the last checkpoint "
-                    f"({checkpoints[-1][1] if checkpoints else 'none'}) is intact"
-                )
+                raise NonFiniteLossError(f"non-finite loss at step {step} ({terms}); {intact_note(intact)}")
             grad_norms = clip_gradients(accelerator, inner, tc)
             optimizer.step()
             lr_schedule.step()
@@ -517,8 +568,11 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
                 progress.update(1)
                 progress.set_postfix(loss=f"{reduced[names.index('loss')].item():.4f}", refresh=False)
             if done % tc.checkpoint_every == 0 or done == tc.steps or stopping or timed:
-                save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit)
-                checkpoints, last_save = list_checkpoints(run_dir), time.monotonic()
+                problem = non_finite_weights(model=module.parameters(), EMA=ema.shadow_params)
+                if problem:  # the same on every process (replicated weights): all stop here
+                    raise NonFiniteWeightsError(f"non-finite weights after step {done} ({problem}; loss finite); "
+                                                f"checkpoint-{done} was not written; {intact_note(intact)}")
+                intact, last_save = save_checkpoint(accelerator, run_dir, done, tc.checkpoints_total_limit), time.monotonic()
             if stopping and done < tc.steps:
                 log(f"stopped by SIGTERM after step {done}; checkpoint saved, re-running resumes")
                 raise SystemExit(f"{run_dir}: stopped by SIGTERM after step {done} (checkpoint saved; re-run to resume)")
@@ -644,6 +698,7 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: 
     """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
     denoiser = copy.deepcopy(module.denoiser).to("cpu")
     ema.copy_to(denoiser.parameters())
+    check_export(denoiser, out_dir, step)
     with atomic_dir(out_dir) as tmp:
         denoiser.unet.save_pretrained(tmp / "unet")
         torch.save(denoiser.embed.state_dict(), tmp / "token_embedding.pt")
@@ -654,8 +709,18 @@ def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: 
     return out_dir
 
 
+def intact_note(path: Path | None) -> str:
+    """What a training error says about the checkpoint a rerun resumes from: the one this process last wrote or
+    loaded, complete and with finite weights (it is never rotated away), or none."""
+    if path is None:
+        return "no checkpoint was written or loaded by this run"
+    return f"the last checkpoint, {path}, is intact (written or loaded completely by this run, finite weights)"
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the newest ``keep``."""
+    """``accelerator.save_state`` into a temporary folder, made durable (:func:`sync_tree`: every file fsynced, one
+    mode), then the done marker (fsynced) and an atomic rename; a crash at any point leaves no complete-looking
+    checkpoint half written. Then keep the newest ``keep``, never deleting the one just written."""
     root = run_dir / CHECKPOINTS
     final, tmp = root / f"checkpoint-{step}", root / f"tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -665,13 +730,53 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        sync_tree(tmp)  # every process's files, before the marker that says they are complete
         (tmp / DONE_MARKER).write_text(json.dumps({"step": step}))
+        sync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        fsync_path(root)
+        others = [p for _, p in list_checkpoints(run_dir) if p != final]
+        for old in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_newest_intact(accelerator: Accelerator, run_dir: Path, module: torch.nn.Module, ema: EMAModel,
+                         log) -> tuple[int, Path | None]:
+    """Load the newest checkpoint of ``run_dir`` that loads completely on every process with finite model and EMA
+    weights; returns ``(step, path)``, ``(0, None)`` when there is none. Newer ones that fail (truncated or
+    unreadable files, non-finite weights) are logged with the reason and moved to ``damaged-checkpoint-N`` (so that
+    rotation never counts them). Raises :class:`CheckpointError` naming every checkpoint and why when none loads:
+    training from step 0 would bury them."""
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            accelerator.load_state(str(path))
+            ema.to(accelerator.device)  # load_state leaves the EMA weights where torch.load put them (CPU)
+            problem = non_finite_weights(model=module.parameters(), EMA=ema.shadow_params)
+            why = f"non-finite weights ({problem})" if problem else ""
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (whatever the files' damage, the next checkpoint is tried)
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        failed = accelerator.reduce(torch.tensor([float(bool(why))], device=accelerator.device), "sum")
+        if not failed.item():
+            for bad, reason in skipped:
+                aside = bad.with_name(f"damaged-{bad.name}")
+                if accelerator.is_main_process:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(bad, aside)
+                log(f"skipped {bad} ({reason}); moved it to {aside.name}")
+            accelerator.wait_for_everyone()
+            log(f"resumed from {path} (step {step})")
+            return step, path
+        skipped.append((path, why or "failed to load on another process"))
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no checkpoint loads: " + "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                              + "; restore one, or move them out of checkpoints/ to train from step 0")
+    return 0, None
 
 
 def load_config(config: str | None, overrides: list[str]) -> RunConfig:

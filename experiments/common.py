@@ -278,7 +278,8 @@ def evaluate_unconditional(
                             cfg.diffusion.sampler, cfg.diffusion.sampling_steps, prompts=prompts,
                             guidance_scale=cfg.diffusion.guidance_scale, clip_sample=cfg.diffusion.clip_sample,
                             eta=cfg.diffusion.eta, dtype=cfg.diffusion.sampling_dtype,
-                            batch_size=cfg.diffusion.sampling_batch or None)
+                            batch_size=cfg.diffusion.sampling_batch or None,
+                            timestep_spacing=cfg.diffusion.timestep_spacing, steps_offset=cfg.diffusion.steps_offset)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # sampling is split over processes; measuring is not

@@ -61,7 +61,9 @@ def test_ldm4_presets_equal_compvis_configs(name):
     # Sampling: 200 DDIM steps, eta 0 (CelebA-HQ) / 1 (FFHQ), named in the records' sampler.
     d = cfg.diffusion
     assert (d.sampler, d.sampling_steps, d.eta) == ("ddim", 200, want["eta"])
-    assert sampler_name(d) == ("ddim-200-eta1-noclip" if want["eta"] else "ddim-200-noclip")
+    # LDM's DDIM timesteps 996, 991, ..., 1 (leading spacing, offset 1; SPEC section 6), named in the sampler.
+    assert (d.timestep_spacing, d.steps_offset) == ("leading", 1)
+    assert sampler_name(d) == ("ddim-200-eta1-offset1-noclip" if want["eta"] else "ddim-200-offset1-noclip")
 
 
 def test_head_semantics_of_both_unet_classes():

@@ -82,7 +82,8 @@ def evaluate_inpainting(
         provenance = {"pipeline": pipeline, "sampler": sampler, "mask": kind, "masks": tensor_hash(masks),
                       "images": tensor_hash(images)}
         batch = cfg.diffusion.sampling_batch or default_batch(state.device)
-        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), batch, render, state, provenance)
+        paths = write_missing_pngs(run_dir / "inpainting" / sampler / kind, range(n), batch, render, state, provenance,
+                                   run_dir / "pipeline")
         if not state.is_main_process:
             continue
         save_grid(paths[:16], run_dir / "inpainting" / f"{kind}.png", columns=8)

@@ -62,7 +62,10 @@ PAPER_PRECISION = {"mixed_precision": "bf16", "allow_tf32": True}
 # 224 x (1,2,3,4) with 2 res blocks, attention at latent resolutions 32/16/8 and in the middle, 32 channels per
 # head, lr = base_learning_rate 2e-6 x batch (main.py's scale_lr), constant (no scheduler_config, so no warm-up),
 # torch AdamW defaults (weight decay 0.01), no gradient clipping (Lightning's default), EMA 0.9999 with the same
-# (1 + n) / (10 + n) warm-up as LitEma. Sampling: 200 DDIM steps, eta 0 (CelebA-HQ) or 1 (FFHQ).
+# (1 + n) / (10 + n) warm-up as LitEma. Sampling: 200 DDIM steps, eta 0 (CelebA-HQ) or 1 (FFHQ), at LDM's DDIM
+# timesteps 996, 991, ..., 1: CompVis ldm/modules/diffusionmodules/util.py make_ddim_timesteps ("uniform":
+# range(0, 1000, c) + 1, "add one to get the final alpha values right"), i.e. diffusers' leading spacing with
+# steps_offset 1 (SPEC section 6; the mini presets keep diffusers' default, 995, ..., 0, as their results were drawn).
 # Steps: 410k (CelebA-HQ, batch 48) and 635k (FFHQ, batch 42), LDM's Table 18.
 LDM_LR_PER_IMAGE = 2e-6  # CompVis base_learning_rate; main.py scales it by the batch
 
@@ -79,7 +82,8 @@ def _paper(dataset: str, steps: int, batch: int, eta: float = 0.0) -> dict:
                   "head_channels": 32, **LDM_VQ_F4},
         "data": {"source": f"data/{dataset}", "resolution": 256, "channels": 3, "num_workers": 8, "latent_cache": True},
         "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.0015,
-                      "beta_end": 0.0195, "sampler": "ddim", "sampling_steps": 200, "eta": eta},
+                      "beta_end": 0.0195, "sampler": "ddim", "sampling_steps": 200, "eta": eta,
+                      "timestep_spacing": "leading", "steps_offset": 1},
         "train": {"batch_size": batch, "steps": steps, "lr": round(LDM_LR_PER_IMAGE * batch, 12), "warmup_steps": 0,
                   "weight_decay": 0.01, "max_grad_norm": 0.0, "ema_decay": 0.9999, "checkpoint_every": 5000,
                   "checkpoint_minutes": 30, "log_every": 100, **PAPER_PRECISION},

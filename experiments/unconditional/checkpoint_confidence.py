@@ -36,8 +36,9 @@ def checkpoint_confidence(
     for p, s in zip(unet.parameters(), ema["shadow_params"], strict=True):
         p.data.copy_(s)
     base = DDPMScheduler.from_pretrained(run_dir / "pipeline" / "scheduler")
-    x = torch.cat([denoise(unet, sampling_scheduler(base, sampler, cfg.diffusion.clip_sample), range(i, min(samples, i + batch)), steps)
-                   for i in range(0, samples, batch)])
+    d = cfg.diffusion  # the timesteps its sampler name says (core.models.sampler_name)
+    scheduler = sampling_scheduler(base, sampler, d.clip_sample, d.timestep_spacing, d.steps_offset)
+    x = torch.cat([denoise(unet, scheduler, range(i, min(samples, i + batch)), steps) for i in range(0, samples, batch)])
     _, probs = classifier_outputs(x, cfg.data.resolution)
     return float((probs.max(1) >= 0.9).mean())
 
