@@ -270,7 +270,12 @@ def test_presets_visit_their_sources_timesteps():
 
     for preset in PRESETS:
         d = preset.run_config(0).diffusion
-        if preset.scale == "paper":
+        if preset.scale == "paper" and "celebahq" in preset.name:  # 500 steps (LDM Table 1), 200 as a second block
+            assert visited(d) == list(range(999, 0, -2)), preset.name  # 999, 997, ..., 1: 500 steps
+            assert sampler_name(d) == "ddim-500-offset1-noclip"
+            second = DiffusionConfig(**{**vars(d), **preset.extra_samplers[0]})
+            assert visited(second) == list(range(996, 0, -5)) and sampler_name(second) == "ddim-200-offset1-noclip"
+        elif preset.scale == "paper":
             assert visited(d) == list(range(996, 0, -5)), preset.name  # 996, 991, ..., 1: 200 steps
             assert sampler_name(d).startswith("ddim-200-") and "-offset1-" in sampler_name(d)
         else:
