@@ -108,3 +108,14 @@ def test_report_renders_from_records(tmp_path):
     assert fig.exists() and fig.stat().st_size > 10_000
     # the gap falls with the budget: a negative slope per doubling on both axes' fd_digits rows
     assert "Trend along steps" in text and "| fd_digits | -0.3495 [-0.7532, 0.05421] | 0.058 |" in text
+
+
+def test_the_committed_scaling_table_is_regenerated_from_the_committed_records(tmp_path):
+    from eval.records import RECORDS, ROOT
+    from experiments.scaling.report import TABLE, write
+
+    committed = ROOT / "tables" / TABLE
+    if not committed.exists():
+        pytest.skip("no scaling records committed yet (tables/scaling.md is written when they are)")
+    table, _ = write(RECORDS, tmp_path)
+    assert table.read_text() == committed.read_text(), "run python -m experiments.scaling.report"

@@ -26,6 +26,7 @@ from eval.records import RECORDS, ROOT, load_records
 from . import PRESETS, STEPS, WIDTHS
 
 PRIMARY, SECONDARY = "ddpm-250-noclip", "ddim-50-noclip"
+TABLE, FIGURE = "scaling.md", "scaling.png"  # under tables/ and figures/
 METRICS = ("fd_digits", "kid_digits", "confident_digits", "precision_digits", "recall_digits", "fd_context_s123")
 HIGHER_IS_BETTER = {"confident_digits", "precision_digits", "recall_digits"}
 CELLS = {p.name: (p.extra["width"], p.extra["steps"], p.method) for p in PRESETS}
@@ -210,10 +211,10 @@ def figure(records: list[dict], out: Path) -> Path:
 def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
     records = load_records(records_path)
     shown = records_path.resolve().relative_to(ROOT) if records_path.resolve().is_relative_to(ROOT) else records_path
-    table = out_dir / "tables" / "scaling.md"
+    table = out_dir / "tables" / TABLE
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(render(records, str(shown)))
-    return [table, figure(records, out_dir / "figures" / "scaling.png")]
+    return [table, figure(records, out_dir / "figures" / FIGURE)]
 
 
 def main(argv: list[str] | None = None) -> None:
