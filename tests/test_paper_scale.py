@@ -58,12 +58,15 @@ def test_ldm4_presets_equal_compvis_configs(name):
         want["batch"], pytest.approx(2e-6 * want["batch"]), 0, 0.01, 0.0)
     assert (m.vae, m.vae_subfolder, m.latent_scale) == ("CompVis/ldm-celebahq-256", "vqvae", 1.0)
     assert len(m.vae_revision) == 40 and int(m.vae_revision, 16) >= 0
-    # Sampling: 200 DDIM steps, eta 0 (CelebA-HQ) / 1 (FFHQ), named in the records' sampler.
+    # Sampling: DDIM with eta 0 (CelebA-HQ) / 1 (FFHQ), named in the records' sampler; CelebA-HQ with 500 steps as
+    # LDM's Table 1 labels its 5.11 ("500-s") and 200 (CompVis's README) as a second block, FFHQ with 200 ("200-s").
     d = cfg.diffusion
-    assert (d.sampler, d.sampling_steps, d.eta) == ("ddim", 200, want["eta"])
-    # LDM's DDIM timesteps 996, 991, ..., 1 (leading spacing, offset 1; SPEC section 6), named in the sampler.
+    steps = 500 if "celebahq" in name else 200
+    assert (d.sampler, d.sampling_steps, d.eta) == ("ddim", steps, want["eta"])
+    assert {p.name: p for p in PRESETS}[name].extra_samplers == (({"sampling_steps": 200},) if steps == 500 else ())
+    # LDM's DDIM timesteps (200 steps: 996, 991, ..., 1; leading spacing, offset 1; SPEC section 6), in the sampler.
     assert (d.timestep_spacing, d.steps_offset) == ("leading", 1)
-    assert sampler_name(d) == ("ddim-200-eta1-offset1-noclip" if want["eta"] else "ddim-200-offset1-noclip")
+    assert sampler_name(d) == (f"ddim-{steps}-eta1-offset1-noclip" if want["eta"] else f"ddim-{steps}-offset1-noclip")
 
 
 def test_head_semantics_of_both_unet_classes():

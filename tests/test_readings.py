@@ -52,7 +52,7 @@ def test_denoised_clip_forms_the_input_from_the_clamped_x0_and_bounds_the_gradie
     for clip in (0.0, 1.0):
         _, module = _module(decoder_input="denoised", denoised_clip=clip)
         module.scheduler = DDPMScheduler(1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)  # the mini presets'
-        module.context.forward = lambda features, target, gens=None, _c=clip: (
+        module.context.forward = lambda features, target, gens=None, weights=None, _c=clip: (
             seen.__setitem__(_c, features) or (features.pow(2).sum(), torch.zeros(3)))
         out = {}
         module.unet.register_forward_hook(lambda m, i, o: out.__setitem__("eps", o.sample))
