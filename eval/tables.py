@@ -106,7 +106,7 @@ EXTRA_COMPARISONS = {
     "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
     "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
                                              "reads-features+denoised", "reads-denoised-clip", "decoder-full",
-                                             "lambda-matched", "lambda-0.1")]
+                                             "lambda-matched", "lambda-0.1", "t-signal-share", "t-below-500")]
     + [("reads-denoised-clip", "reads-denoised"), ("conprediff-vq-loss", "baseline-vq-loss")],
 }
 

@@ -123,7 +123,7 @@ def test_a_finished_run_may_be_sampled_again_with_another_sampler_but_not_traine
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(RunConfig().to_dict()))
     changes = [{"sampler": "ddpm", "sampling_steps": 250, "clip_sample": True, "guidance_scale": 2.0},
                {"eta": 1.0, "sampling_dtype": "bf16"}, {"timestep_spacing": "leading", "steps_offset": 1},
-               {"timestep_spacing": "trailing"}]
+               {"timestep_spacing": "trailing"}, {"sampling_batch": 7}]
     assert {f"diffusion.{k}" for c in changes for k in c} == set(SAMPLING_KEYS)
     for change in changes:
         d = RunConfig().to_dict()
