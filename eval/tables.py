@@ -438,7 +438,8 @@ def render_verdicts(summary: pd.DataFrame, records: str) -> str:
              "| Table | Scale | Sampler, steps, samples | Benchmark | Method | vs | n | Better (p; Holm) | Worse (p; Holm) "
              "| Inconclusive |", "|---|---|---|---|---|---|---|---|---|---|"]
     cur = summary[(summary["superseded"] == "") & (summary["pilot"] == "") & (summary["vs"] != "")
-                  & (summary["metric"] != "step_time_s")]
+                  & (summary["metric"] != "step_time_s")
+                  & ~summary["verdict"].astype(str).str.startswith("no ")]  # a reference not measured yet: no comparison
     keys = ["experiment", "scale", "sampler", "checkpoint", "n_samples", "benchmark", "method", "vs"]
     for key, g in cur.groupby(keys, sort=False):
         exp, scale, sampler, ck, ns, bench, method, vs = key

@@ -186,6 +186,8 @@ def figure(records: list[dict], out: Path) -> Path:
                 g = np.array(gaps)
                 a.errorbar(xs_gap, g, yerr=np.nan_to_num(np.clip([g - np.array(lows), np.array(highs) - g], 0, None)),
                            marker="o", capsize=4)
+            else:
+                a.text(0.5, 0.5, "no cell with both arms yet", ha="center", va="center", transform=a.transAxes)
             a.axhline(0, color="grey", lw=0.8)
             a.set_xscale("log", base=2)
             a.set_xlabel("training steps (width 32)" if axis == "steps" else "UNet parameters (2,000 steps)")
