@@ -162,7 +162,7 @@ def check_same_model(records: list[dict], model: dict, where: str | Path = RECOR
         f"{where} already holds measurements of another trained model for "
         + ", ".join(f"{k}={v}" for k, v in key.items()) + f":\n{lines}\nthis run: {mine}"
         + (f" (training keys overridden: {overrides})" if overrides else "")
-        + f"\nUse another --records file, or mark those superseded: python -m eval.records supersede "
+        + "\nUse another --records file, or mark those superseded: python -m eval.records supersede "
         + " ".join(f"--where {k}={v}" for k, v in key.items()) + " --note 'why'")
 
 
