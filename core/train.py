@@ -435,7 +435,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     # Data (checked against the last segment's when resuming) and the frozen encoders.
     data = ImageData(cfg.data)
     resume_notes, data_id = [], None
-    if main and list_checkpoints(run_dir) and list_checkpoints(run_dir)[-1][0] < cfg.train.steps:  # a resume
+    saved = list_checkpoints(run_dir)
+    if main and saved and saved[-1][0] < cfg.train.steps:  # a resume
         data_id = data_identity(data, cfg)
         resume_notes = check_resume(run_dir, data_id, allow_data_change)
     vae = Autoencoder(cfg.model.vae, device, cfg.model.vae_revision, cfg.model.vae_subfolder,
@@ -592,7 +593,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             export_discrete(inner, ema, cfg, pipeline_dir, last)
         else:
             export_pipeline(inner.unet, ema, sampling_scheduler(inner.scheduler, "ddpm"), pipeline_dir, vae,
-                            loaded_weights(cfg).get("model.text_encoder"), last)
+                            text_encoder_identity(cfg), last)
         log(f"exported {pipeline_dir} (checkpoint {last})"
             + (f", replacing the export of checkpoint {current}" if current is not None else ""))
     accelerator.wait_for_everyone()
@@ -625,15 +626,23 @@ def loaded_weights(cfg: RunConfig) -> dict:
     resolves from any working directory)."""
     from .hub import weights_identity
 
-    out = {}
     m = cfg.model
-    if cfg.backbone == "latent" and m.vae:
-        out["model.vae"] = weights_identity(m.vae, m.vae_revision, m.vae_subfolder)
+    out = {"model.vae": weights_identity(m.vae, m.vae_revision, m.vae_subfolder)} if cfg.backbone == "latent" and m.vae else {}
     if m.text_encoder:
-        ident = weights_identity(m.text_encoder, m.text_encoder_revision) if m.text_encoder != "minilm" else {}
-        out["model.text_encoder"] = {"text_encoder": ident.get("path", m.text_encoder),
-                                     "revision": m.text_encoder_revision, **ident}
+        out["model.text_encoder"] = text_encoder_identity(cfg)
     return out
+
+
+def text_encoder_identity(cfg: RunConfig) -> dict | None:
+    """:func:`loaded_weights`'s ``model.text_encoder`` entry alone (what an export's ``text_encoder.json`` holds),
+    without hashing the autoencoder's folder too; None without a text encoder."""
+    from .hub import weights_identity
+
+    m = cfg.model
+    if not m.text_encoder:
+        return None
+    ident = weights_identity(m.text_encoder, m.text_encoder_revision) if m.text_encoder != "minilm" else {}
+    return {"text_encoder": ident.get("path", m.text_encoder), "revision": m.text_encoder_revision, **ident}
 
 
 class StopOnSignal:

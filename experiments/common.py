@@ -39,7 +39,7 @@ import torch
 from core.config import RunConfig, apply_overrides
 from core.models import sampler_name
 from core.data import ImageData
-from core.runlog import RunLock, read_jsonl, run_name
+from core.runlog import RunLock, read_jsonl, run_name, write_atomic
 from core.sample import load_pngs, sample_pipeline, save_grid
 from core.train import recorded_shared, train, training_overrides
 from eval.records import (RECORDS, ROOT, SCALES, RecordError, append_record, cpu_cores, load_records,
@@ -164,7 +164,7 @@ def continue_from(source: Path, run_dir: Path, steps: int) -> None:
 
     shutil.copytree(found[steps], tmp, copy_function=link)
     rows = [r for r in read_jsonl(source / "stats.jsonl") if r["step"] <= steps]
-    (run_dir / "stats.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_atomic(run_dir / "stats.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     if (source / "env.json").exists():
         shutil.copyfile(source / "env.json", run_dir / "env.json")
     os.replace(tmp, dst)
@@ -386,13 +386,15 @@ def with_eval_options(preset: Preset, options: list[str]) -> Preset:
     return dataclasses.replace(preset, extra=extra)
 
 
-def train_run(preset: Preset, seed: int, presets: list[Preset], args: argparse.Namespace) -> Path:
+def train_run(preset: Preset, seed: int, presets: list[Preset], args: argparse.Namespace,
+              cfg: RunConfig | None = None) -> Path:
     """Train (or resume) the run of (preset, seed) in ``args.runs_dir``; a preset that ``continues`` another starts,
     when it has no checkpoint yet, from that preset's run of the same seed (trained first if needed, and so on down
-    its chain: :func:`continue_from`). Returns the run directory."""
+    its chain: :func:`continue_from`). ``cfg``: the run's config when already resolved (else resolved here).
+    Returns the run directory."""
     from .cluster import run_dir_for
 
-    cfg, run_dir = run_config(preset, seed, args), run_dir_for(args.runs_dir, args.scale, preset.name, seed)
+    cfg, run_dir = cfg or run_config(preset, seed, args), run_dir_for(args.runs_dir, args.scale, preset.name, seed)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with RunLock(run_dir, enabled=main_rank):
         if preset.continues:
@@ -641,7 +643,7 @@ def main(
         if preset.prepare is not None and args.scale != "smoke":
             preset.prepare()
         with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # train, sample, evaluate: one owner
-            train_run(preset, seed, presets, args)
+            train_run(preset, seed, presets, args, cfg)
             shared = recorded_shared(run_dir)  # step times are the training's: valid if it had the machine to itself
             for sampling in sampler_configs(preset, cfg):
                 evaluate(experiment, preset, sampling, run_dir, args.scale, num_samples, records,
