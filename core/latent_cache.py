@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runlog import staged
+
 CACHE_VERSION = 1
 ENCODE_BATCH = 64  # images per encoder call while building
 
@@ -98,6 +100,7 @@ class LatentCache:
         return torch.from_numpy(np.ascontiguousarray(self._moments[np.asarray(list(indices), dtype=np.int64)]))
 
 
+@staged("latent_cache")
 def build_latent_cache(data, vae, folder: Path, identity: dict, log: Callable[[str], None] = print) -> None:
     """Encode every image of ``data`` with ``vae`` (:data:`ENCODE_BATCH` at a time) into ``folder``, atomically."""
     from tqdm.auto import tqdm

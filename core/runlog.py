@@ -292,3 +292,81 @@ class RunLock:
 
 class RunLockedError(RuntimeError):
     """The run directory is held by another process (:class:`RunLock` with ``wait=False``)."""
+
+
+# ---------------------------------------------------------------------------- stage timing (the rehearsal)
+
+STAGES_ENV = "CONPREDIFF_STAGES"
+
+
+class Stage:
+    """Wall time and peak memory of one stage of a run (train, checkpoint, export, sample, metrics, check),
+    appended as one JSON line to the file ``$CONPREDIFF_STAGES`` names; a no-op when it is unset.
+
+    Used by :mod:`experiments.rehearse`, which runs the real runner commands and sums the lines per stage. Fields:
+    ``stage``, ``rank``, ``seconds`` (wall), ``peak_rss_gb`` (the process's resident set, sampled every
+    ``interval`` seconds by a thread while the stage runs, and at its start and end; GiB), ``peak_cuda_gb``
+    (``torch.cuda.max_memory_allocated`` over the stage, reset at its start; GiB; absent without CUDA).
+    Use as a context manager, a decorator (:func:`staged`), or with :meth:`start` / :meth:`stop` where a block is
+    too long to re-indent.
+    """
+
+    def __init__(self, name: str, interval: float = 0.05):
+        self.name, self.interval, self.path = name, interval, os.environ.get(STAGES_ENV)
+        self._thread = None
+
+    def start(self) -> "Stage":
+        if not self.path:
+            return self
+        import threading
+
+        import psutil
+        import torch
+
+        self._proc, self._t0, self._done = psutil.Process(), time.perf_counter(), threading.Event()
+        self._peak = self._proc.memory_info().rss
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def watch() -> None:
+            while not self._done.wait(self.interval):
+                self._peak = max(self._peak, self._proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        import torch
+
+        self._done.set()
+        self._thread.join()
+        self._thread = None
+        row = {"stage": self.name, "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
+               "seconds": round(time.perf_counter() - self._t0, 3),
+               "peak_rss_gb": round(max(self._peak, self._proc.memory_info().rss) / 2**30, 3)}
+        if self._cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            row["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        append_jsonl(self.path, row)
+
+    def __enter__(self) -> "Stage":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def staged(name: str) -> Callable:
+    """Decorator: each call of the function is one :class:`Stage` named ``name``."""
+    import functools
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with Stage(name):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .config import SAMPLING_DTYPES, TIMESTEP_SPACINGS
 from .models import check_sampling_timesteps, sampling_scheduler
-from .runlog import pipeline_files_hash, read_provenance, write_atomic
+from .runlog import pipeline_files_hash, read_provenance, staged, write_atomic
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
@@ -123,6 +123,7 @@ def clear_stale_pngs(out_dir: Path, provenance: dict) -> int:
     return len(stale)
 
 
+@staged("sample")
 def write_missing_pngs(
     out_dir: Path, keys: Sequence[int], batch_size: int, render: Callable[[list[int]], np.ndarray], state,
     provenance: dict | None = None, source: str | Path | None = None,

@@ -43,7 +43,8 @@ from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import (ContextPrediction, DiffusionTrainingModule, decoder_input_channels, image_generators,
                         randn_per_image, uniform_timesteps)
-from .runlog import RunLock, RunLog, append_jsonl, environment, read_jsonl, read_provenance, write_atomic, write_provenance
+from .runlog import (RunLock, RunLog, Stage, append_jsonl, environment, read_jsonl, read_provenance, staged, write_atomic,
+                     write_provenance)
 from .tracking import accelerator_kwargs, start_tracking
 
 CHECKPOINTS = "checkpoints"
@@ -324,6 +325,7 @@ def build_module(cfg: RunConfig, vae: Autoencoder | None = None):
     return build_training_module(cfg, vae.latent_channels, cfg.data.resolution // vae.downsample)
 
 
+@staged("export")
 def export_pipeline(
     unet: torch.nn.Module, ema: EMAModel | None, train_scheduler, out_dir: Path, vae: Autoencoder | None = None,
     text_encoder: dict | None = None, step: int | None = None,
@@ -514,6 +516,9 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
 
         progress = tqdm(total=tc.steps, initial=start, desc=cfg.name, dynamic_ncols=True, mininterval=2)
     last_save, stop = time.monotonic(), StopOnSignal()  # SIGTERM: checkpoint at the end of this step, then stop
+    training = Stage("train")  # time and peak memory for the rehearsal (experiments/rehearse.py; no-op otherwise)
+    if start < end:
+        training.start()
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -578,6 +583,7 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
                 log(f"stopped by SIGTERM after step {done}; checkpoint saved, re-running resumes")
                 raise SystemExit(f"{run_dir}: stopped by SIGTERM after step {done} (checkpoint saved; re-run to resume)")
     finally:
+        training.stop()
         stop.restore()
     if progress is not None:
         progress.close()
@@ -703,6 +709,7 @@ def quantize(x0: torch.Tensor, levels: int) -> torch.Tensor:
     return PixelQuantizer(levels).encode(x0)
 
 
+@staged("export")
 def export_discrete(module, ema: EMAModel, cfg: RunConfig, out_dir: Path, step: int | None = None) -> Path:
     """EMA token denoiser: ``unet/`` (stock diffusers), ``token_embedding.pt`` and ``discrete.json``; no context decoder."""
     denoiser = copy.deepcopy(module.denoiser).to("cpu")
@@ -726,6 +733,7 @@ def intact_note(path: Path | None) -> str:
     return f"the last checkpoint, {path}, is intact (written or loaded completely by this run, finite weights)"
 
 
+@staged("checkpoint")
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
     """``accelerator.save_state`` into a temporary folder, made durable (:func:`sync_tree`: every file fsynced, one
     mode), then the done marker (fsynced) and an atomic rename; a crash at any point leaves no complete-looking

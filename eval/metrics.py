@@ -312,6 +312,17 @@ def torch_hub_file_problem(name: str, url: str, what: str) -> str | None:
             "with a network and put it there (torch.hub's checkpoints folder)")
 
 
+ALLOW_MISSING_METRICS_ENV = "CONPREDIFF_ALLOW_MISSING_METRICS"
+
+
+def missing_metrics_allowed() -> bool:
+    """Whether this process was started with ``--allow-missing-metrics`` (a rehearsal, or sampling on a machine
+    without the metric weights): then a paper metric whose inputs are missing is skipped with a warning naming them,
+    never substituted, instead of stopping the run. The runner sets ``$CONPREDIFF_ALLOW_MISSING_METRICS=1`` so its
+    worker processes inherit it."""
+    return os.environ.get(ALLOW_MISSING_METRICS_ENV) == "1"
+
+
 def alexnet_problem() -> str | None:
     """``None`` when torchvision's AlexNet file (LPIPS v0.1's backbone) is cached or downloadable now; else why not."""
     return torch_hub_file_problem(ALEXNET_FILE, ALEXNET_URL, "LPIPS (AlexNet, v0.1)")

@@ -128,6 +128,8 @@ def sampler_configs(preset: Preset, cfg: RunConfig) -> list[RunConfig]:
 
     out = [cfg]
     for extra in preset.extra_samplers:
+        if all(getattr(cfg.diffusion, k, None) == v for k, v in extra.items()):
+            continue  # the config's own sampler already (e.g. --sampling-steps made them equal): sampled once
         bad = sorted(f"diffusion.{k}" for k in extra if f"diffusion.{k}" not in SAMPLING_KEYS)
         if bad:
             raise ValueError(f"preset {preset.name}: extra_samplers may set sampling keys only, not {', '.join(bad)}")
@@ -416,7 +418,10 @@ def worker_argv(args: argparse.Namespace, records: Path, shared_device: bool) ->
             *(["--shared-device"] if shared_device else []), "--no-tables",
             *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
             *(["--report-to", args.report_to] if args.report_to != "none" else []),
-            *(x for o in args.overrides for x in ("--set", o))]
+            *(x for o in args.overrides for x in ("--set", o)),
+            *(x for o in getattr(args, "eval_options", []) for x in ("--eval", o)),
+            *(["--allow-missing-metrics"] if getattr(args, "allow_missing_metrics", False) else []),
+            *(["--sampling-steps", str(args.sampling_steps)] if getattr(args, "sampling_steps", None) else [])]
 
 
 def run_in_parallel(
@@ -528,6 +533,14 @@ def main(
     parser.add_argument("--print-config", action="store_true",
                         help="print each chosen (preset, seed) run's resolved config as YAML (--set applied, smoke "
                              "shrinking at --scale smoke), with its training-config hash and overridden keys, and exit")
+    parser.add_argument("--sampling-steps", type=int, metavar="N",
+                        help="sample with N steps, with every sampler of the chosen presets (their own and each extra "
+                             "one, e.g. CelebA-HQ's 500 and 200 DDIM steps): a rehearsal or a pilot of evaluation; the "
+                             "records name the sampler with N. Inpainting's RePaint steps: --eval steps=N")
+    parser.add_argument("--allow-missing-metrics", action="store_true",
+                        help="paper scale: train and sample even if a metric's inputs (Inception or AlexNet weights, FID "
+                             "statistics or reference images) are missing; those metrics are not measured, and the "
+                             "preflight and evaluation name them (used by `python -m experiments.rehearse`)")
     parser.add_argument("--check", action="store_true",
                         help="only check that every input of the chosen presets is present (data, weights, FID "
                              "statistics, prompts), list the missing ones with the command that provides each, and exit "
@@ -550,6 +563,14 @@ def main(
             check_tracker(args.report_to)
         except ImportError as e:
             parser.error(str(e))
+    if args.sampling_steps is not None:
+        if args.sampling_steps < 1:
+            parser.error(f"--sampling-steps must be >= 1, got {args.sampling_steps}")
+        args.overrides = [*args.overrides, f"diffusion.sampling_steps={args.sampling_steps}"]
+    if args.allow_missing_metrics:  # read by eval (eval.metrics.missing_metrics_allowed), inherited by workers
+        from eval.metrics import ALLOW_MISSING_METRICS_ENV
+
+        os.environ[ALLOW_MISSING_METRICS_ENV] = "1"
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [p for p in presets if args.scale == "smoke" or p.scale == args.scale]
     if not chosen:
@@ -561,6 +582,9 @@ def main(
         if unknown:
             parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from: {', '.join(p.name for p in presets)}")
         chosen = [p for p in chosen if p.name in wanted]
+    if args.sampling_steps is not None:
+        chosen = [dataclasses.replace(p, extra_samplers=tuple(dict(e, sampling_steps=args.sampling_steps)
+                                                              for e in p.extra_samplers)) for p in chosen]
     if args.eval_options:
         try:
             chosen = [with_eval_options(p, args.eval_options) for p in chosen]
@@ -613,7 +637,8 @@ def main(
         from .preflight import report
 
         checked = [(p, configs[p.name, seeds[0]]) for p in chosen] if args.scale != "smoke" else []
-        ok, text = report(experiment, checked, paper=args.scale == "paper", check_only=args.check)
+        ok, text = report(experiment, checked, paper=args.scale == "paper", check_only=args.check,
+                          allow_missing_metrics=args.allow_missing_metrics)
         if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one report, not one per process
             print(text, flush=True)
         if not ok:

@@ -17,6 +17,7 @@ from pathlib import Path
 from core.config import RunConfig
 from core.data import image_files
 from core.hub import hub_offline, hub_reachable, is_hub_id, weights_problem
+from core.runlog import staged
 from eval.protocols import REFERENCE_DATA  # FID reference images of benchmarks not compared with their training data
 
 # What the prepare step writes (experiments/data/__main__.py) -> the command that writes it.
@@ -40,6 +41,7 @@ class Missing:
 
     what: str
     fix: str
+    metric: bool = False  # an input of a metric only (training and sampling run without it)
 
     def __str__(self) -> str:
         return f"- {self.what}\n    fix: {self.fix}"
@@ -107,11 +109,11 @@ def fid_missing(benchmark: str, cfg: RunConfig) -> list[Missing]:
     out = []
     problem = inception_problem()
     if problem:
-        out.append(Missing("FID Inception weights for clean-fid (inception-2015-12-05.pt)", problem))
+        out.append(Missing("FID Inception weights for clean-fid (inception-2015-12-05.pt)", problem, metric=True))
     problem = torchfidelity_inception_problem()
     if problem:
         out.append(Missing("FID Inception weights for torch-fidelity (weights-inception-2015-12-05-6726825d.pth)",
-                           problem))
+                           problem, metric=True))
     ref = reference_path(benchmark)
     if not ref.exists():
         data = REFERENCE_DATA.get(benchmark, cfg.data.source)
@@ -120,11 +122,11 @@ def fid_missing(benchmark: str, cfg: RunConfig) -> list[Missing]:
             fix = f"{prepare_command(data)}, then {fix}"
         if benchmark == "ffhq256":
             fix += f" (or clean-fid's precomputed statistics: python -m eval.fid_ref --cleanfid ffhq --name {benchmark})"
-        out.append(Missing(f"FID reference statistics {ref}", fix))
+        out.append(Missing(f"FID reference statistics {ref}", fix, metric=True))
     data = REFERENCE_DATA.get(benchmark, cfg.data.source)
     if data != cfg.data.source and not has_images(Path(data)):  # torch-fidelity's FID and precision/recall read images
         out.append(Missing(f"FID reference images {data} (torch-fidelity FID and precision/recall k=3)",
-                           prepare_command(data)))
+                           prepare_command(data), metric=True))
     return out
 
 
@@ -156,7 +158,7 @@ def check_preset(experiment: str, preset, cfg: RunConfig, paper: bool = True) ->
         out += repaint_masks_short(preset)
         problem = alexnet_problem()
         if problem:
-            out.append(Missing("LPIPS AlexNet weights (alexnet-owt-7be5be79.pth)", problem))
+            out.append(Missing("LPIPS AlexNet weights (alexnet-owt-7be5be79.pth)", problem, metric=True))
         return out
     prompts = preset.extra.get("prompts_file")
     if prompts and not Path(prompts).exists():
@@ -164,25 +166,35 @@ def check_preset(experiment: str, preset, cfg: RunConfig, paper: bool = True) ->
     return out + fid_missing(preset.benchmark, cfg)
 
 
-def preflight(experiment: str, presets_and_configs: list[tuple], paper: bool = True) -> list[str]:
-    """Check every ``(preset, config)``; returns one report line block per missing input (deduplicated)."""
+def preflight(experiment: str, presets_and_configs: list[tuple], paper: bool = True, metrics: bool = True
+              ) -> list[str]:
+    """Check every ``(preset, config)``; returns one report line block per missing input (deduplicated).
+    ``metrics=False``: inputs of metrics only are left out (``--allow-missing-metrics``)."""
     seen: dict[str, list[str]] = {}
     for preset, cfg in presets_and_configs:
         for missing in check_preset(experiment, preset, cfg, paper):
-            seen.setdefault(str(missing), []).append(preset.name)
+            if metrics or not missing.metric:
+                seen.setdefault(str(missing), []).append(preset.name)
     return [f"{text}\n    needed by: {', '.join(dict.fromkeys(names))}" for text, names in seen.items()]
 
 
-def report(experiment: str, presets_and_configs: list[tuple], paper: bool = True, check_only: bool = False
-           ) -> tuple[bool, str]:
+@staged("check")
+def report(experiment: str, presets_and_configs: list[tuple], paper: bool = True, check_only: bool = False,
+           allow_missing_metrics: bool = False) -> tuple[bool, str]:
     """``(ok, text)``: all inputs present, or every missing one with its fix (``check_only``: the command was
-    ``--check``, so the text does not suggest adding it)."""
+    ``--check``, so the text does not suggest adding it). ``allow_missing_metrics`` (the runner's
+    ``--allow-missing-metrics``, used by the rehearsal): missing inputs of metrics only are listed as metrics that
+    will not be measured, and do not fail the check."""
     if not presets_and_configs:
         return True, "preflight: nothing to check (smoke runs use generated stand-ins for data and weights)."
-    missing = preflight(experiment, presets_and_configs, paper)
+    missing = preflight(experiment, presets_and_configs, paper, metrics=not allow_missing_metrics)
     names = ", ".join(p.name for p, _ in presets_and_configs)
+    skipped = sorted(set(preflight(experiment, presets_and_configs, paper)) - set(missing)) \
+        if allow_missing_metrics else []
     if not missing:
-        return True, f"preflight: every input of {names} is present."
+        return True, (f"preflight: every input of {names} is present" + (
+            "." if not skipped else ", except these metrics' inputs (--allow-missing-metrics: those metrics are not "
+            "measured):\n" + "\n".join(skipped)))
     advice = "Provide them and re-run." if check_only else "Provide them and re-run (add --check to only check)."
     return False, (f"preflight: {len(missing)} input(s) missing for {names}; nothing was trained. {advice}\n"
                    + "\n".join(missing))
