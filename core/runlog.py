@@ -294,6 +294,29 @@ class RunLockedError(RuntimeError):
     """The run directory is held by another process (:class:`RunLock` with ``wait=False``)."""
 
 
+class RunReplacedError(RuntimeError):
+    """The run directory this process holds was removed or replaced under it (:func:`check_owner`)."""
+
+
+def check_owner(run_dir: str | Path) -> None:
+    """Raise :class:`RunReplacedError` if this process holds ``run_dir``'s :class:`RunLock` but ``<run_dir>/.lock`` is
+    no longer the file it locked: the folder was deleted (and perhaps made again by another run) while this process
+    worked in it. Writing on would mix two runs' files under a lock the new owner cannot see. A no-op for a
+    directory this process does not hold (the non-main processes of a launch). Cheap: one ``stat``."""
+    path = Path(run_dir) / LOCK_FILE
+    held = _held.get(str(path.resolve()))
+    if held is None:
+        return
+    mine = os.fstat(held[0])
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        now = None
+    if now is None or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+        raise RunReplacedError(f"{Path(run_dir)} was removed or replaced while this process (pid {os.getpid()}) was "
+                               "training in it; stopping without writing to it, so whatever is there now stays intact")
+
+
 # ---------------------------------------------------------------------------- stage timing (the rehearsal)
 
 STAGES_ENV = "CONPREDIFF_STAGES"

@@ -43,8 +43,8 @@ from .latent_cache import posterior_generators
 from .models import Autoencoder, build_scheduler, build_unet, sampling_scheduler
 from .objective import (ContextPrediction, DiffusionTrainingModule, decoder_input_channels, image_generators,
                         randn_per_image, uniform_timesteps)
-from .runlog import (RunLock, RunLog, Stage, append_jsonl, environment, read_jsonl, read_provenance, staged, write_atomic,
-                     write_provenance)
+from .runlog import (RunLock, RunLog, Stage, append_jsonl, check_owner, environment, read_jsonl, read_provenance, staged,
+                     write_atomic, write_provenance)
 from .tracking import accelerator_kwargs, start_tracking
 
 CHECKPOINTS = "checkpoints"
@@ -565,6 +565,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
             optimizer.zero_grad(set_to_none=True)
             ema.step(ema_target(inner).parameters())
             done = step + 1
+            if main:
+                check_owner(run_dir)  # the folder deleted or replaced under this process: stop before writing
             if main and (done % tc.log_every == 0 or done == tc.steps):
                 record = {"step": done, "lr": lr_schedule.get_last_lr()[0], "step_time": time.perf_counter() - t0}
                 record.update({k: v for k, v in zip(names, reduced.tolist())}, **grad_norms)

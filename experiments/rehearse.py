@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("rehearsal failed:\n- " + "\n- ".join(failed), flush=True)
         return 1
-    print(f"rehearsal passed: {len(chosen)} preset(s), every stage of both phases", flush=True)
+    print(f"rehearsal passed: {len(chosen)} preset(s), every stage of the three phases", flush=True)
     return 0
 
 

@@ -126,3 +126,23 @@ def test_rehearsal_of_a_latent_preset_runs_every_stage(tmp_path):
     assert len(env_json["segments"]) == 2
     assert len(list((run / "samples" / "ddim-2-offset1-noclip").glob("*.png"))) == 4
     assert "| paper-celebahq256-conprediff | resume | sample |" in (out / "rehearsal.md").read_text()
+
+
+def test_a_run_directory_replaced_under_its_owner_stops_the_owner(tmp_path):
+    """A run folder deleted and made again while its first process still trained got that process's stats rows and
+    checkpoints beside the new run's (the lock it held was on the deleted file). The owner now notices and stops."""
+    import shutil
+
+    from core.runlog import RunLock, RunReplacedError, check_owner
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        check_owner(run)  # still its own
+        shutil.rmtree(run)
+        with pytest.raises(RunReplacedError, match="removed or replaced"):
+            check_owner(run)
+        run.mkdir()
+        (run / ".lock").write_text("")  # a new run's lock file where the old one was
+        with pytest.raises(RunReplacedError):
+            check_owner(run)
+    check_owner(run)  # not held: nothing to check
