@@ -211,7 +211,8 @@ def step_section(device: str, precision: str, repeats: int, warmup: int, dry: bo
     return [f"## training step: {group.shape['size']}x{group.shape['size']}x{group.shape['channels']} "
             f"{group.shape['kind']}, batch {group.batch}, {precision}; {device}", "",
             "| variant | s/step | ratio to baseline |", "|---|---|---|",
-            *(f"| {n} | {statistics.median(ts):.4f} | {statistics.median(ts) / base:.3f}x |" for n, ts in times.items()),
+            *(f"| {n} | {statistics.median(ts):.4f} | {statistics.median(ts) / base:.3f}x |"
+              for n, ts in times.items()),
             ""]
 
 
@@ -239,8 +240,9 @@ def main(argv: list[str] | None = None) -> str:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     fused = triton_available() and (args.device.startswith("cuda") or interpreting())
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    dry = " (DRY RUN: tiny shapes, not a measurement)" if args.dry_run else ""
     lines = [f"# issue 30, old against new: torch {torch.__version__}, {where}, median of {args.repeats} rounds after "
-             f"{args.warmup} warm-up, variants alternated{' (DRY RUN: tiny shapes, not a measurement)' if args.dry_run else ''}"
+             f"{args.warmup} warm-up, variants alternated{dry}"
              f"{'' if fused else '; fused kernel left out (needs CUDA or TRITON_INTERPRET=1)'}", ""]
     sections = set(args.sections.split(","))
     if "w2" in sections:

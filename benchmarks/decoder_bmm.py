@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, shape, flops, nbytes, fn in rows:
             sec = timed(fn, args.device, args.repeats, args.warmup)
             out.append({"size": size, "product": name, "shape": shape, "ms": sec * 1e3})
-            lines.append(f"| {name} | {shape} | {sec * 1e3:.3f} | {flops / sec / 1e12:.2f} | {nbytes / sec / 1e9:.1f} |")
+            lines.append(f"| {name} | {shape} | {sec * 1e3:.3f} | {flops / sec / 1e12:.2f} | "
+                         f"{nbytes / sec / 1e9:.1f} |")
         lines += ["", "weight-gradient candidates against fp32 autograd (relative Frobenius error; autograd's own "
                   "in this dtype beside it): " + ", ".join(f"layer {i} split-{c} {e:.1e} ({b:.1e})"
                                                        for i, c, e, b in checks), ""]

@@ -98,7 +98,9 @@ def randn_per_image(
     n = len(gens)
     if device.type == "cuda" and all(g.device.type == "cpu" for g in gens):
         seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
-        gen = _device_generator(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = _device_generator(device)
         out = torch.empty((n, *shape), dtype=dtype, device=device)
         for b, seed in enumerate(seeds):
             gen.manual_seed(seed)

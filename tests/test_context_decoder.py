@@ -9,7 +9,8 @@ from core.context import ContextDecoder, StrideLinear, weight_grad_split
 @pytest.mark.parametrize("m,chunks", [(4096, 8), (1000, 7), (5, 8)])
 def test_weight_grad_split_equals_the_product(m, chunks):
     g = torch.Generator().manual_seed(m)
-    x, grad = torch.randn(3, m, 16, generator=g, dtype=torch.float64), torch.randn(3, m, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, m, 16, generator=g, dtype=torch.float64)
+    grad = torch.randn(3, m, 5, generator=g, dtype=torch.float64)
     got = weight_grad_split(x, grad, chunks)
     assert got.dtype == torch.float64 and got.shape == (3, 16, 5)
     torch.testing.assert_close(got, x.transpose(1, 2) @ grad, rtol=1e-6, atol=1e-6)
