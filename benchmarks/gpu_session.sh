@@ -16,6 +16,7 @@
 # paper_scale_bf16.{md,json}, profile_bf16.md, w2_exact.md, and each step's log.
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine
+#   bash benchmarks/gpu_session.sh --only-new # steps 1 and 2 only (issue 30), about 2-4 minutes
 #   bash benchmarks/gpu_session.sh --tiny     # the same steps, tiny, on a CPU in about a minute (tests/test_benchmarks.py;
 #                                             # the fused kernel through Triton's interpreter)
 #
@@ -37,14 +38,22 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-if [ "${1:-}" = "--tiny" ]; then
+TINY=0 ONLY_NEW=0
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) TINY=1 ;;
+    --only-new) ONLY_NEW=1 ;;
+    *) echo "unknown argument $arg (allowed: --tiny, --only-new)"; exit 2 ;;
+  esac
+done
+if [ "$TINY" = 1 ]; then
   DEVICE=cpu LIMIT_W2=120 LIMIT_STEP=180 LIMIT_AB=240 LIMIT_BMM=60
   W2=(--n 256 --k 24,48 --d 3 --repeats 1 --loop-n 64 --threads 1)
   STEP=(--tiny --steps 1 --warmup 0 --threads 1)
   AB=(--dry-run --threads 1 --profile-rows 8) AB_ENV=(env TRITON_INTERPRET=1)
   BMM=(--sizes small --repeats 1 --warmup 0 --threads 1)
 else
-  DEVICE=cuda LIMIT_W2=150 LIMIT_STEP=270 LIMIT_AB=240 LIMIT_BMM=90
+  DEVICE=cuda LIMIT_W2=150 LIMIT_STEP=270 LIMIT_AB=300 LIMIT_BMM=90
   W2=(--n 196608 --k 8,16,24,32,48 --d 3 --repeats 3 --loop-n 16384 --warm)
   STEP=(--steps 8 --warmup 3 --batch 'paper-celebahq256-*=48,paper-coco256-*=32')
   AB=(--repeats 8 --warmup 2) AB_ENV=()
@@ -64,6 +73,7 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, stop it after SECONDS,
 run context_ab "$LIMIT_AB" "${AB_ENV[@]}" "$PY" benchmarks/context_ab.py --device "$DEVICE" --precision bf16 "${AB[@]}" \
   --markdown "$OUT/context_ab.md" --profile "$OUT/context_profile.md"
 run decoder_bmm "$LIMIT_BMM" "$PY" benchmarks/decoder_bmm.py --device "$DEVICE" "${BMM[@]}" --markdown "$OUT/decoder_bmm.md"
+if [ "$ONLY_NEW" = 1 ]; then echo "outputs in $OUT:"; ls -l "$OUT"; exit $failed; fi
 run paper_scale_bf16 "$LIMIT_STEP" "$PY" benchmarks/paper_scale.py --device "$DEVICE" --precision bf16 "${STEP[@]}" \
   --presets 'paper-celebahq256-ldm4-baseline,paper-celebahq256-conprediff,paper-coco256-*' \
   --markdown "$OUT/paper_scale_bf16.md" --json "$OUT/paper_scale_bf16.json" --profile "$OUT/profile_bf16.md"

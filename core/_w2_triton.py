@@ -5,7 +5,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes and strides vary between calls (contiguous sets, the decoder's strided output): not specialised on, so
+# they do not recompile the kernel.
+@triton.jit(do_not_specialize=["n", "sp_n", "sp_k", "sp_d", "st_n", "st_k", "st_d", "sv_n", "sv_k", "sc_n", "sc_i",
+                               "sc_j"])
 def w2_assignment_kernel(
     pred_ptr, target_ptr, valid_ptr, cost_ptr, perm_ptr, n,
     sp_n, sp_k, sp_d, st_n, st_k, st_d, sv_n, sv_k, sc_n, sc_i, sc_j,
