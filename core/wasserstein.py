@@ -14,7 +14,7 @@ Solvers:
   sets (``O(K 2^K)`` per set), and for larger K (the ring pattern's K = 8s) a batched shortest
   augmenting path solver (Jonker-Volgenant, :func:`assignment_jv`), both on the device with no
   host round-trip. On CUDA with triton importable and fp32 costs, the DP runs as one fused kernel
-  (:mod:`core.w2_kernel`, ``K <= 12``: the costs, the DP and the walk-back in one launch, the DP's
+  (:mod:`core.w2_kernel`, ``K <= 8``: the costs, the DP and the walk-back in one launch, the DP's
   matching bit for bit where the costs round alike). Measured on CPU (benchmarks/RESULTS.md) the
   SciPy loop is ~3x faster than the DP and 3-4x faster than the batched solver, hence this split;
   ``exact_method`` forces any of them. The matching is found without gradients and the cost of

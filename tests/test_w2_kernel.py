@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from core.w2_kernel import FUSED_MAX_K, assignment_fused, assignment_fused_cost, fused_supported, triton_available
+from core.w2_kernel import (FUSED_AUTO_MAX_K, FUSED_MAX_K, assignment_fused, assignment_fused_cost, fused_supported,
+                            triton_available)
 from core.wasserstein import _masked_cost, assignment_subset_dp, pairwise_sq_dists, w2_exact
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -139,7 +140,7 @@ def test_dispatch_only_on_cuda_with_fp32_costs(monkeypatch):
     x = torch.zeros(4, 8, 3)
     assert not fused_supported(x, x) or INTERPRETING  # a CPU tensor needs the interpreter
     assert not fused_supported(x.double(), x) and not fused_supported(x.half(), x.half())
-    assert not fused_supported(torch.zeros(4, FUSED_MAX_K + 1, 3), torch.zeros(4, FUSED_MAX_K + 1, 3))
+    assert not fused_supported(torch.zeros(4, FUSED_AUTO_MAX_K + 1, 3), torch.zeros(4, FUSED_AUTO_MAX_K + 1, 3))
     called = []
     monkeypatch.setattr(w, "assignment_fused", lambda *a: called.append(1) or w.assignment_subset_dp(
         _masked_cost(pairwise_sq_dists(a[0], a[1]), a[2])))
