@@ -73,7 +73,8 @@ def state_bytes(module: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
 
 def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, warmup,
                diffusion_cfg: DiffusionConfig | None = None, *, precision: str = "fp32", text_tokens: int = 0,
-               peak_memory: dict | None = None, profile: dict | None = None) -> dict[str, list[float]]:
+               peak_memory: dict | None = None, profile: dict | None = None,
+               wrap: dict | None = None) -> dict[str, list[float]]:
     """Seconds per optimizer step for each variant (None = baseline), one step of each in turn per round,
     so a change in machine load during the run hits every variant alike.
 
@@ -83,6 +84,8 @@ def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, 
     allocates on top of what was allocated before it (the other variants' models share the GPU here).
     ``profile``: filled with each variant's ``torch.profiler`` averages of one extra, untimed step run after
     the timed ones, with the ranges ``step: forward``, ``step: backward`` and ``step: optimizer``.
+    ``wrap``: ``{variant: context manager factory}`` entered around each of that variant's steps (e.g. to switch
+    an implementation, benchmarks/context_ab.py).
     """
     runs = {}
     for name, ctx_cfg in variants.items():
@@ -111,6 +114,8 @@ def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, 
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
+            switch = (wrap or {}).get(name, contextlib.nullcontext)()
+            switch.__enter__()
             gens = image_generators(0, i, range(batch))
             t = torch.cat([torch.randint(0, module.scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in gens]).to(device)
@@ -125,6 +130,7 @@ def step_times(model_cfg, size, channels, batch, variants: dict, device, steps, 
                     opt.zero_grad(set_to_none=True)
                 sync(device)
             sync(device)
+            switch.__exit__(None, None, None)
             if profiling:
                 profile[name] = prof.key_averages()
             elif i >= warmup:

@@ -21,8 +21,54 @@ import torch
 from torch import nn
 
 
+def weight_grad_split(x: torch.Tensor, grad: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``x (S, M, a)``, ``grad (S, M, b)`` -> ``x^T grad (S, a, b)``, the weight gradient of ``x @ W``, as ``chunks``
+    partial products over blocks of rows (``M`` padded with zero rows to a multiple), summed in fp32 (or wider).
+
+    A split-K by hand: the autograd product reduces all ``M`` rows (1.57 M at the LDM-4 config) into a tiny
+    ``a x b`` output, few blocks for a GPU; ``S * chunks`` products give it more. Same value up to summation order
+    (tests/test_context_decoder.py); returned in ``x``'s dtype (autograd casts it to the parameter's).
+    """
+    s, m, a = x.shape
+    b = grad.shape[-1]
+    pad = (-m) % chunks
+    if pad:
+        x = torch.cat([x, x.new_zeros(s, pad, a)], 1)
+        grad = torch.cat([grad, grad.new_zeros(s, pad, b)], 1)
+    rows = (m + pad) // chunks
+    part = torch.bmm(x.reshape(s * chunks, rows, a).transpose(1, 2), grad.reshape(s * chunks, rows, b))
+    return part.view(s, chunks, a, b).sum(1, dtype=torch.promote_types(part.dtype, torch.float32)).to(part.dtype)
+
+
+class _StrideLinearSplitGrad(torch.autograd.Function):
+    """``baddbmm(bias, x, weight)`` whose weight gradient is :func:`weight_grad_split`; autocast as in the forward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, chunks):
+        ctx.save_for_backward(x, weight)
+        ctx.chunks = chunks
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = torch.bmm(grad, weight.transpose(1, 2).to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        gw = weight_grad_split(x.to(grad.dtype), grad, ctx.chunks) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 class StrideLinear(nn.Module):
-    """S independent linear maps in one batched product: ``(S, M, in) -> (S, M, out)``."""
+    """S independent linear maps in one batched product: ``(S, M, in) -> (S, M, out)``.
+
+    ``weight_grad_chunks`` (class attribute, 0: off) > 0 computes the weight gradient as that many partial products
+    (:func:`weight_grad_split`) instead of autograd's one; an opt-in for GPUs, timed by benchmarks/decoder_bmm.py and
+    benchmarks/gpu_session.sh, never on by default (it changes the gradient's summation order).
+    """
+
+    weight_grad_chunks: int = 0
 
     def __init__(self, num_strides: int, in_features: int, out_features: int):
         super().__init__()
@@ -31,6 +77,8 @@ class StrideLinear(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_grad_chunks > 0 and torch.is_grad_enabled():
+            return _StrideLinearSplitGrad.apply(x, self.weight, self.bias, self.weight_grad_chunks)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
 

@@ -69,20 +69,49 @@ def uniform_timesteps(gens: Sequence[torch.Generator], num_timesteps: int) -> to
     return torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens])
 
 
+_DEVICE_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _device_generator(device: torch.device) -> torch.Generator:
+    """One reusable generator per device: re-seeding it gives the draws of a new generator with that seed."""
+    if device not in _DEVICE_GENERATORS:
+        _DEVICE_GENERATORS[device] = torch.Generator(device=device)
+    return _DEVICE_GENERATORS[device]
+
+
 def randn_per_image(
     gens: Sequence[torch.Generator], shape: Sequence[int], device, dtype=torch.float32, dim: int = 0
 ) -> torch.Tensor:
-    """Standard normals, image b's block drawn from ``gens[b]``, stacked along ``dim`` (``len(gens)`` there).
+    """Standard normals, image b's block drawn from ``gens[b]``, stacked along ``dim`` (``len(gens)`` there):
+    ``(*shape[:dim], len(gens), *shape[dim:])`` contiguous, ``dtype`` (the fp32 draws rounded to it), on ``device``.
 
-    For a CUDA ``device`` and CPU generators, each image's block is drawn on the GPU from a CUDA generator
-    seeded by one draw of ``gens[b]``: still a function of ``gens[b]`` alone, without generating (for the
-    context decoder at 32x32, 100 M numbers a step) on the CPU and copying. The CPU path is unchanged.
+    CPU: image b's block is ``torch.randn(*shape, generator=gens[b])`` in fp32, cast to ``dtype`` if it differs
+    (pinned in tests/test_objective.py: the draws of committed runs). For a CUDA ``device`` and CPU generators, each
+    image's block is drawn on the GPU from a CUDA generator seeded by one draw of ``gens[b]``: still a function of
+    ``gens[b]`` alone, without generating (for the context decoder at 32x32, 100 M numbers a step) on the CPU and
+    copying. There one generator per device is re-seeded per image (not one new object per image), and the block is
+    drawn in ``dtype`` directly: CUDA's normal kernel draws in fp32 and rounds to the output type
+    (``normal_kernel`` in ATen/native/cuda/DistributionTemplates.h), so a bf16 draw is the fp32 draw cast, without
+    the fp32 tensor.
     """
     device = torch.device(device)
+    n = len(gens)
     if device.type == "cuda" and all(g.device.type == "cpu" for g in gens):
         seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
-        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    return torch.stack([torch.randn(*shape, generator=g, device=g.device, dtype=dtype) for g in gens], dim).to(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = _device_generator(device)
+        out = torch.empty((n, *shape), dtype=dtype, device=device)
+        for b, seed in enumerate(seeds):
+            gen.manual_seed(seed)
+            out[b].normal_(generator=gen)
+    else:
+        draw = dtype if all(g.device.type != "cpu" for g in gens) else torch.float32
+        out = torch.empty((n, *shape), dtype=draw, device=gens[0].device if n else device)
+        for b, g in enumerate(gens):
+            torch.randn(*shape, generator=g, device=g.device, dtype=draw, out=out[b])
+        out = out.to(device=device, dtype=dtype)
+    return out if dim == 0 else out.movedim(0, dim).contiguous()
 
 
 def posterior_mean_coefficients(scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +173,8 @@ class ContextPrediction(nn.Module):
         if isinstance(self.decoder, ContextDecoder):
             eps = None
             if generators is not None:  # (S, B*n, Q, L), stride-major as the decoder computes
-                eps = randn_per_image(generators, (s, n, k, self.decoder.latent_dim), features.device, dim=1)
-                eps = eps.view(s, b * n, k, -1).to(features.dtype)
+                eps = randn_per_image(generators, (s, n, k, self.decoder.latent_dim), features.device, features.dtype,
+                                      dim=1).view(s, b * n, k, -1)
             pred = self.decoder(feats, eps=eps)
             dist = w2_sets(
                 pred, values, valid, self.cfg.solver, sinkhorn_reg=self.cfg.sinkhorn_reg,

@@ -13,9 +13,11 @@ Solvers:
   ``K <= EXACT_DP_MAX_K``, a dynamic programme over subsets of matched targets batched over all
   sets (``O(K 2^K)`` per set), and for larger K (the ring pattern's K = 8s) a batched shortest
   augmenting path solver (Jonker-Volgenant, :func:`assignment_jv`), both on the device with no
-  host round-trip. Measured on CPU (benchmarks/RESULTS.md) the SciPy loop is ~3x faster than the
-  DP and 3-4x faster than the batched solver, hence this split; ``exact_method`` forces any of
-  them. The matching is found without gradients and the cost of
+  host round-trip. On CUDA with triton importable and fp32 costs, the DP runs as one fused kernel
+  (:mod:`core.w2_kernel`, ``K <= 8``: the costs, the DP and the walk-back in one launch, the DP's
+  matching bit for bit where the costs round alike). Measured on CPU (benchmarks/RESULTS.md) the
+  SciPy loop is ~3x faster than the DP and 3-4x faster than the batched solver, hence this split;
+  ``exact_method`` forces any of them. The matching is found without gradients and the cost of
   the optimal matching is then evaluated differentiably, which is the gradient of W2^2 wherever
   the optimum is unique (envelope theorem).
 * ``sinkhorn``: entropic OT in the log domain, batched; returns the transport cost of the
@@ -33,9 +35,12 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .w2_kernel import FUSED_MAX_K, assignment_fused, fused_supported
+
 SOLVERS = ("exact", "sinkhorn", "sliced")
 MASKED_LOG = -1e4
 EXACT_DP_MAX_K = 12
+FUSED_AUTO = True  # w2_exact(method="auto") runs the DP as the fused kernel where it applies (benchmarks turn it off)
 
 
 def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -218,7 +223,7 @@ def _masked_cost(cost: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     return torch.where(both, cost, torch.zeros((), dtype=cost.dtype, device=cost.device)).masked_fill(mixed, math.inf)
 
 
-EXACT_METHODS = ("auto", "dp", "jv", "hungarian")
+EXACT_METHODS = ("auto", "dp", "fused", "jv", "hungarian")
 
 
 def exact_method_for(k: int, cuda: bool) -> str:
@@ -226,7 +231,8 @@ def exact_method_for(k: int, cuda: bool) -> str:
 
     CUDA: the subset DP up to ``EXACT_DP_MAX_K`` (2 ms for 16,384 sets of 8 on an H100), the batched
     shortest augmenting path above. CPU: SciPy's loop, 3-4x faster than either batched solver on
-    2 cores (benchmarks/RESULTS.md).
+    2 cores (benchmarks/RESULTS.md). ``w2_exact`` runs ``dp`` as ``fused`` (the same DP in one Triton
+    kernel) where :func:`core.w2_kernel.fused_supported` says it applies and ``FUSED_AUTO`` is on.
     """
     if cuda:
         return "dp" if k <= EXACT_DP_MAX_K else "jv"
@@ -238,11 +244,14 @@ def w2_exact(
 ) -> torch.Tensor:
     """Exact W2^2 per set: ``(..., K, D) x2 [, (..., K)] -> (...)``.
 
-    ``method``: ``dp`` (batched subset DP, K <= EXACT_DP_MAX_K), ``jv`` (batched shortest augmenting
-    path, any K), ``hungarian`` (SciPy per set), or ``auto``: sorting for ``D = 1`` (exact in one
-    dimension); on CUDA the DP when ``K <= EXACT_DP_MAX_K``, else ``jv``; SciPy on CPU.
-    Sets whose costs are not finite (NaN or inf points) get an arbitrary matching from ``dp``/``jv``
+    ``method``: ``dp`` (batched subset DP, K <= EXACT_DP_MAX_K), ``fused`` (the same DP as one Triton
+    kernel, costs computed inside, K <= FUSED_MAX_K; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``jv``
+    (batched shortest augmenting path, any K), ``hungarian`` (SciPy per set), or ``auto``: sorting for
+    ``D = 1`` (exact in one dimension); on CUDA the DP when ``K <= EXACT_DP_MAX_K`` (as ``fused`` where
+    :func:`core.w2_kernel.fused_supported`), else ``jv``; SciPy on CPU.
+    Sets whose costs are not finite (NaN or inf points) get an arbitrary matching from ``dp``/``fused``/``jv``
     (their W2^2 is NaN/inf whatever the matching); SciPy raises on NaN.
+    The matching is found without gradients; the returned cost is evaluated differentiably on the matched pairs.
     """
     if method not in EXACT_METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(EXACT_METHODS)}")
@@ -252,14 +261,18 @@ def w2_exact(
     p, t = pred.reshape(-1, k, d), target.reshape(-1, k, d)
     v = None if valid is None else valid.expand(*batch, k).reshape(-1, k)
     with torch.no_grad():
-        cost = _masked_cost(pairwise_sq_dists(p, t), v)
         if method == "auto":
             method = exact_method_for(k, pred.is_cuda)
-        if method == "dp" and k > EXACT_DP_MAX_K:
+            if method == "dp" and FUSED_AUTO and pred.is_cuda and fused_supported(p, t):
+                method = "fused"
+        if method in ("dp", "fused") and k > min(EXACT_DP_MAX_K, FUSED_MAX_K):
             raise ValueError(f"the subset DP handles K <= {EXACT_DP_MAX_K} points per set, got K={k}; "
                              "use exact_method='jv' or 'hungarian'")
-        solve = {"dp": assignment_subset_dp, "jv": assignment_jv, "hungarian": assignment_scipy}[method]
-        perm = solve(cost)
+        if method == "fused":
+            perm = assignment_fused(p, t, v)
+        else:
+            solve = {"dp": assignment_subset_dp, "jv": assignment_jv, "hungarian": assignment_scipy}[method]
+            perm = solve(_masked_cost(pairwise_sq_dists(p, t), v))
     matched = t.gather(1, perm.unsqueeze(-1).expand(-1, k, d))
     sq = (p - matched).pow(2).sum(-1)  # (N, K)
     if v is None:

@@ -97,7 +97,7 @@ def test_gpu_session_script_runs_tiny_on_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "--tiny"], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "paper_scale_bf16.json").read_text())["rows"]
     assert {r["preset"] for r in rows} == {"paper-celebahq256-ldm4-baseline", "paper-celebahq256-conprediff",
@@ -105,6 +105,13 @@ def test_gpu_session_script_runs_tiny_on_cpu(tmp_path):
     _check_rows(rows)
     profile = (tmp_path / "profile_bf16.md").read_text()
     assert "| context: W2 solve | - | - | " in profile and "| step: backward |" in profile
+    ab = (tmp_path / "context_ab.md").read_text()
+    assert "| fused Triton kernel (method='fused') |" in ab and "100.000000% identical matchings" in ab, ab
+    assert "bitwise equal: True" in ab and "| conprediff, new context term |" in ab, ab
+    losses = {line.split("|")[3] for line in ab.splitlines() if line.startswith(("| old (", "| new ("))}
+    assert len(losses) == 1, ab  # old and new context terms: the same loss from the same draws
+    assert "## new (fused W2, new noise)" in (tmp_path / "context_profile.md").read_text()
+    assert "| layer 2 weight grad, split-64 |" in (tmp_path / "decoder_bmm.md").read_text()
     w2 = (tmp_path / "w2_exact.md").read_text().splitlines()
     jv = [line.split("|") for line in w2 if "w2_exact 'jv'" in line]
     assert [int(c[1]) for c in jv] == [24, 48] and all(float(c[5]) < 1e-5 for c in jv)

@@ -95,6 +95,31 @@ def test_conditional_unet_with_context():
     assert torch.isfinite(losses["loss"])
 
 
+def test_randn_per_image_cpu_draws_are_pinned():
+    """The CPU draws of committed runs, hashed with the code before the noise was drawn in place (commit 8b395ff):
+    fp32 per image, stacked on dim 0 or 1, and the context decoder's bf16 draws (fp32 drawn, then cast)."""
+    import hashlib
+
+    def digest(t):
+        return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+    a = randn_per_image(image_generators(3, 7, range(5)), (2, 3, 17), "cpu")
+    b = randn_per_image(image_generators(3, 7, range(5)), (2, 3, 17), "cpu", dim=1)
+    c = randn_per_image(image_generators(3, 7, range(2, 5)), (2, 4, 8, 8), "cpu", torch.bfloat16, dim=1)
+    assert a.dtype == b.dtype == torch.float32 and c.dtype == torch.bfloat16 and c.shape == (2, 3, 4, 8, 8)
+    assert a.flatten()[:3].tolist() == [0.6533927917480469, 1.967738389968872, 0.25192388892173767]
+    assert digest(a) == "a607e9d8310bf284" and digest(b) == "71c8c1bfbbe1abe7"
+    assert digest(c.view(2, 12, 8, 8)) == "c6478fe60c87aa8f"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_randn_per_image_cuda_half_draws_are_the_float_draws_rounded():
+    gens = lambda: image_generators(0, 2, range(3))  # noqa: E731
+    fp32 = randn_per_image(gens(), (4, 1000), "cuda", dim=1)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(randn_per_image(gens(), (4, 1000), "cuda", dtype, dim=1), fp32.to(dtype))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA path of randn_per_image needs a GPU"))])
 def test_randn_per_image_depends_on_each_image_generator_alone(device):
