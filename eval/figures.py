@@ -1,13 +1,13 @@
 """Regenerate ``figures/*.png`` from committed results (records, training curves, sample grids).
 
-    python -m eval.figures
+    python -m eval.figures                       # results/records.jsonl -> figures/
+    python -m eval.figures --specs DIR           # the tables' specs from DIR/*/table.yaml (default experiments/)
 
-* ``decoding_efficiency.png`` (paper Figure 4 analogue): quality per context-decoding variant as bars
-  (mean +- std over seeds), measured training time per step as markers on a second axis;
-* ``backbones.png`` (Figure 5 analogue): each backbone with and without context prediction;
-* ``stride_ablation.png``: quality per stride set; ``weight_ablation.png``: quality per context weight λ;
-  ``readings.png``: quality per changed choice (readings and confounds) beside the baseline and ConPreDiff;
-  these four draw ``fd_digits`` and ``confident_digits``, one panel each;
+* one bar figure per table whose spec (``eval.tables.TableSpec.figure``, declared in the experiment's
+  ``table.yaml``) asks for one: ``grouped`` draws each of its metrics (``fd_digits`` and ``confident_digits`` unless
+  the spec says otherwise) in a panel, a bar per benchmark and method (mean +- std over seeds);
+  ``decoding_efficiency`` (the paper's Figure 4 analogue) draws quality as bars and the measured training time per
+  step as markers on a second axis;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
 * ``samples_<experiment>.png``: the sample grid of seed 0 of each preset.
 Records marked ``superseded`` and pilot records (training keys overridden) are left out. Figures without current records are skipped (listed, and
@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 from core.runlog import read_jsonl  # noqa: E402
 
 from .records import RECORDS, ROOT, SCALES, load_records, scale_of  # noqa: E402
-from .tables import higher_is_better, summarize, with_borrowed  # noqa: E402
+from .tables import SPECS, TableSpec, higher_is_better, summarize, table_specs, with_borrowed  # noqa: E402
 
 RESULTS = ROOT / "results"
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
@@ -47,8 +47,11 @@ def _bars(ax, df: pd.DataFrame, label: str, color: str = "tab:blue"):
     ax.set_ylabel(label)
 
 
-def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digits") -> Path | None:
-    d = summary[summary["experiment"] == "decoding_ablation"]
+def decoding_efficiency(summary: pd.DataFrame, experiment: str, out: Path, title: str = "Context decoding variants",
+                        metric: str = "fd_digits") -> Path | None:
+    """Quality (``metric``) per method of ``experiment`` as bars, its training time per step (``step_time_s``) as
+    markers on a second axis; None when ``metric`` has no rows."""
+    d = summary[summary["experiment"] == experiment]
     quality, timing = d[d["metric"] == metric], d[d["metric"] == "step_time_s"]
     if quality.empty:
         return None
@@ -69,7 +72,7 @@ def decoding_efficiency(summary: pd.DataFrame, out: Path, metric: str = "fd_digi
         ax2.set_ylabel("training time per step (s)" + (f"\n{devices}" if devices else ""), color="tab:red")
         fig.text(0.01, 0.01, "step times: median of each run's own log; runs in different sessions differ by up to ~25%",
                  fontsize=7, color="tab:red")
-    ax.set_title(f"Context decoding variants ({quality['scale'].iloc[0]} scale)")
+    ax.set_title(f"{title} ({quality['scale'].iloc[0]} scale)")
     return _save(fig, out)
 
 
@@ -172,26 +175,26 @@ def samples(experiment: str, out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures") -> tuple[list[Path], list[str]]:
-    """Draw every figure whose inputs exist; returns (written paths, skipped names)."""
+def bar_figure(summary: pd.DataFrame, spec: TableSpec, out: Path) -> Path | None:
+    """The bar figure ``spec.figure`` asks for, drawn from the rows of table ``spec.name`` (None: nothing to draw)."""
+    f = spec.figure
+    if f.kind == "decoding_efficiency":
+        return decoding_efficiency(summary, spec.name, out, f.title)
+    return grouped(summary, spec.name, out, f.title, f.metrics, f.order, f.labels or None)
+
+
+def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures",
+                  specs: dict[str, TableSpec] | None = None) -> tuple[list[Path], list[str]]:
+    """Draw every figure whose inputs exist: the bar figures of ``specs`` (default :func:`eval.tables.table_specs`),
+    then each experiment's curves and samples; returns (written paths, skipped names). Raises ValueError when a
+    row a bar figure draws holds records of two current samplers."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    specs = table_specs() if specs is None else specs
     summary = with_borrowed(summarize([r for r in load_records(records_path)
-                                       if not r.get("superseded") and not r.get("overrides")]))  # no pilots
+                                       if not r.get("superseded") and not r.get("overrides")]), specs)  # no pilots
     bar_figures = {  # figure -> (the experiment it draws one bar per row of, how)
-        "decoding_efficiency.png": ("decoding_ablation", lambda p: decoding_efficiency(summary, p)),
-        "backbones.png": ("backbones", lambda p: grouped(summary, "backbones", p,
-                                                         "Backbones with / without context prediction")),
-        "stride_ablation.png": ("stride_ablation", lambda p: grouped(
-            summary, "stride_ablation", p, "Stride sets",
-            order=("strides-1", "strides-12", "conprediff", "strides-1234", "ring-123"),
-            labels={"conprediff": "strides-123 (default)", "ring-123": "strides-123, full rings"})),
-        "weight_ablation.png": ("weight_ablation", lambda p: grouped(summary, "weight_ablation", p, "Context weight λ")),
-        "readings.png": ("readings", lambda p: grouped(
-            summary, "readings", p, "Readings",
-            order=("conprediff", "clip-per-module", "target-x0", "reads-denoised", "reads-denoised-clip",
-                   "reads-features+denoised", "decoder-full", "lambda-matched", "lambda-0.1"),
-            labels={"conprediff": "conprediff (default choices)"})),
-    }
+        spec.figure.file: (name, lambda p, spec=spec: bar_figure(summary, spec, p))
+        for name, spec in specs.items() if spec.figure is not None}
     # A bar per row: two current samplers for one row would draw one of them silently. Tables no bar figure draws may
     # keep several current sampler blocks side by side (unconditional's DDIM-50 and DDPM-250).
     drawn = summary[summary["experiment"].isin({e for e, _ in bar_figures.values()})]
@@ -217,8 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=Path, default=RECORDS)
     parser.add_argument("--out", type=Path, default=ROOT / "figures")
+    parser.add_argument("--specs", type=Path, default=SPECS,
+                        help="folder whose */table.yaml declare the tables and their figures (default: the experiment "
+                             "packages)")
     args = parser.parse_args(argv)
-    made, skipped = write_figures(args.records, args.out)
+    made, skipped = write_figures(args.records, args.out, table_specs(args.specs))
     for p in made:
         print(p)
     for s in skipped:

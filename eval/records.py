@@ -27,7 +27,7 @@ def scale_of(preset: str) -> str:
     return max((s for s in SCALES if preset == s or preset.startswith(s + "-")), key=len, default="")
 
 REQUIRED = (
-    "experiment",  # unconditional | text_to_image | inpainting | stride_ablation | weight_ablation | decoding_ablation | backbones
+    "experiment",  # an experiment package of experiments/ (experiments.registry), e.g. unconditional
     "benchmark",  # e.g. digits16, celebahq256, digits16/wide (inpainting: dataset/mask)
     "method",  # baseline | conprediff | a variant label (strides-12, explicit, ...)
     "scale",  # one of SCALES

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +29,14 @@ from scipy import stats
 from .records import RECORDS, ROOT, load_records
 
 PAPER = Path(__file__).resolve().parent / "paper_numbers.csv"
-TABLES = {
-    "unconditional": "Unconditional generation (paper Table 1)",
-    "text_to_image": "Text-to-image generation (paper Table 2)",
-    "inpainting": "Inpainting (paper Table 3)",
-    "stride_ablation": "Stride ablation (paper ablation table)",
-    "weight_ablation": "Context weight λ (not in the paper)",
-    "decoding_ablation": "Context decoding efficiency (paper Figure 4, as a table)",
-    "backbones": "Backbones with and without context prediction (paper Figure 5, as a table)",
-    "readings": "Readings and confounds: our choices where the paper is silent (not in the paper)",
-}
+# Where ``python -m eval.tables`` and ``python -m eval.figures`` find the table specs when none are given: every
+# ``*/table.yaml`` one folder below (one per experiment package; :func:`table_specs`). eval reads these as data and
+# imports nothing from the experiments, which hand their specs in (``experiments.registry``).
+SPECS = ROOT / "experiments"
+
+
+class TableError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -56,21 +54,76 @@ class Borrow:
     new_blocks: bool = False
 
 
-# The readings compare each changed choice with the unconditional table's baseline and ConPreDiff, and the backbone
-# readings with the backbones table's latent and discrete rows where it has current ones. The backbones table's
-# discrete rows are the readings' vq-loss runs: that reading changed the discrete presets' loss weighting to
-# VQ-Diffusion's (the earlier per-token-mean records are superseded), so the same runs serve both tables.
-BORROWED = {
-    "readings": [Borrow("unconditional", {"baseline": "baseline", "conprediff": "conprediff"}),
-                 Borrow("backbones", {"baseline": "baseline", "conprediff": "conprediff"}, ("latent", "discrete"))],
-    "backbones": [Borrow("readings", {"baseline-vq-loss": "baseline", "conprediff-vq-loss": "conprediff"},
-                         ("discrete",), new_blocks=True)],
-}
+@dataclass(frozen=True)
+class FigureSpec:
+    """The bar figure drawn from a table's rows (``eval.figures``): ``file`` under ``figures/``; ``kind``
+    ``grouped`` (:func:`eval.figures.grouped`: a panel per metric of ``metrics``, bars per benchmark and method,
+    the baseline first, then ``order``, ticks renamed by ``labels``) or ``decoding_efficiency``
+    (:func:`eval.figures.decoding_efficiency`: quality bars with the step time as markers); ``title`` heads it."""
+
+    file: str
+    title: str
+    kind: str = "grouped"
+    order: tuple[str, ...] = ()
+    labels: dict = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("fd_digits", "confident_digits")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What an experiment's table and figure need, declared by the experiment (its ``table.yaml``).
+
+    ``name``: the experiment (records' ``experiment`` field; ``tables/<name>.md``). ``title``: the table's heading.
+    ``comparisons``: (method, reference method) pairs tested besides "each method vs the baseline", where RESULTS.md
+    states an ordering between two variants. ``borrowed``: rows shown from other experiments' records
+    (:class:`Borrow`). ``paper_baseline``: the paper's row the baseline presets reproduce at paper scale (its number
+    and ours share a line when the protocols match). ``figure``: its bar figure, if any (:class:`FigureSpec`).
+    """
+
+    name: str
+    title: str
+    comparisons: tuple[tuple[str, str], ...] = ()
+    borrowed: tuple[Borrow, ...] = ()
+    paper_baseline: str | None = None
+    figure: FigureSpec | None = None
+
+
+def read_table_spec(path: Path) -> TableSpec:
+    """The :class:`TableSpec` of ``path`` (``<experiment>/table.yaml``; the experiment is the folder's name).
+
+    Keys: ``title`` (required), ``comparisons`` (a list of [method, reference] pairs), ``borrowed`` (a list of
+    mappings with the fields of :class:`Borrow`), ``paper_baseline``, ``figure`` (the fields of :class:`FigureSpec`).
+    Raises ``TableError`` naming the file for a missing title, an unknown key or a malformed entry.
+    """
+    import yaml
+
+    path = Path(path)
+    d = yaml.safe_load(path.read_text()) or {}
+    known = {"title", "comparisons", "borrowed", "paper_baseline", "figure"}
+    if not isinstance(d, dict) or "title" not in d or set(d) - known:
+        raise TableError(f"{path}: a mapping with a title and only the keys {sorted(known)} expected; got "
+                         f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+    try:
+        comparisons = tuple((str(m), str(ref)) for m, ref in d.get("comparisons") or [])
+        borrowed = tuple(Borrow(**{**b, "benchmarks": tuple(b["benchmarks"]) if b.get("benchmarks") else None})
+                         for b in d.get("borrowed") or [])
+        figure = d.get("figure")
+        if figure is not None:
+            figure = FigureSpec(**{k: tuple(v) if k in ("order", "metrics") else v for k, v in figure.items()})
+    except (TypeError, ValueError) as e:
+        raise TableError(f"{path}: {e}") from e
+    if figure is not None and figure.kind not in ("grouped", "decoding_efficiency"):
+        raise TableError(f"{path}: figure kind {figure.kind!r}; expected grouped or decoding_efficiency")
+    return TableSpec(path.parent.name, d["title"], comparisons, borrowed, d.get("paper_baseline"), figure)
+
+
+def table_specs(folder: Path = SPECS) -> dict[str, TableSpec]:
+    """Every ``folder/*/table.yaml`` as {experiment: :class:`TableSpec`}, by folder name."""
+    return {spec.name: spec for spec in map(read_table_spec, sorted(Path(folder).glob("*/table.yaml")))}
+
+
 HIGHER_IS_BETTER = ("acc", "prompt_acc", "precision", "recall", "psnr", "confident")
 BASELINE = "baseline"
-# The paper's row our baseline presets reproduce at paper scale (its number and ours share a line when the
-# protocols match).
-PAPER_BASELINE = {"unconditional": "LDM-4", "text_to_image": "LDM-KL-8-G"}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -87,10 +140,6 @@ def mean_std(mean: float, std: float, n: int) -> str:
     return f"{fmt(mean)} (n={n})" if n < 2 else f"{fmt(mean)} ± {fmt(std)} (n={n})"
 
 
-class TableError(ValueError):
-    pass
-
-
 # A cell holds the records of one protocol: the same scale, sampler, training length (checkpoint), number of
 # samples and reference set. Records differing in any of these are never averaged together.
 PROTOCOL = ["checkpoint", "n_samples", "reference"]
@@ -99,25 +148,16 @@ PROTOCOL = ["checkpoint", "n_samples", "reference"]
 BLOCK = ["experiment", "scale", "superseded", "pilot", "sampler", *PROTOCOL]
 CELL = [*BLOCK, "benchmark", "method", "metric"]
 ALPHA = 0.05
-# Comparisons beyond "each method vs the baseline": (method, reference method) pairs a table also tests,
-# where RESULTS.md states an ordering between two variants.
-EXTRA_COMPARISONS = {
-    "decoding_ablation": [("conprediff", "explicit"), ("sinkhorn", "conprediff")],
-    "stride_ablation": [("strides-1234", "strides-1"), ("ring-123", "conprediff")],
-    "readings": [(m, "conprediff") for m in ("clip-per-module", "target-x0", "reads-denoised",
-                                             "reads-features+denoised", "reads-denoised-clip", "decoder-full",
-                                             "lambda-matched", "lambda-0.1", "t-signal-share", "t-below-500")]
-    + [("reads-denoised-clip", "reads-denoised"), ("conprediff-vq-loss", "baseline-vq-loss")],
-}
-
-
-def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
-    """Add the ``BORROWED`` rows: another experiment's cells, relabelled, where the table has no cell of that
-    method, and (unless ``new_blocks``) only in the blocks (scale and protocol) and benchmarks where the table has
-    records of its own."""
+def with_borrowed(summary: pd.DataFrame, specs: dict[str, TableSpec] | None = None) -> pd.DataFrame:
+    """Add the rows each table borrows (``TableSpec.borrowed``; ``specs`` default :func:`table_specs`): another
+    experiment's cells, relabelled, where the table has no cell of that method, and (unless ``new_blocks``) only in
+    the blocks (scale and protocol) and benchmarks where the table has records of its own. The borrowed rows follow
+    the summary's: first those shown to compare against, then those standing in for a table's own (``new_blocks``),
+    each group in ``specs`` order (the verdicts list comparisons in row order)."""
     where = BLOCK[1:] + ["benchmark"]  # a block of a table, on one benchmark
     extra = []
-    for table, sources in BORROWED.items():
+    for table, spec in (table_specs() if specs is None else specs).items():
+        sources = spec.borrowed
         own = summary[summary["experiment"] == table]
         blocks = set(map(tuple, own[where].values.tolist()))
         have = set(map(tuple, own[CELL].values.tolist()))
@@ -127,7 +167,8 @@ def with_borrowed(summary: pd.DataFrame) -> pd.DataFrame:
             rows = rows.assign(experiment=table, method=rows["method"].map(b.methods))
             keep = [(b.new_blocks or tuple(w) in blocks) and tuple(c) not in have
                     for w, c in zip(rows[where].values.tolist(), rows[CELL].values.tolist())]
-            extra.append(rows[keep])
+            extra.append((b.new_blocks, rows[keep]))
+    extra = [rows for _, rows in sorted(extra, key=lambda e: e[0])]  # stable: spec order within each group
     return pd.concat([summary, *extra], ignore_index=True) if extra else summary
 
 
@@ -238,18 +279,20 @@ def verdict(c: Comparison, metric: str, p_holm: float) -> str:
     return ("better" if better else "worse") + ("" if p_holm < ALPHA else " (not after Holm)")
 
 
-def with_deltas(summary: pd.DataFrame) -> pd.DataFrame:
+def with_deltas(summary: pd.DataFrame, specs: dict[str, TableSpec] | None = None) -> pd.DataFrame:
     """Add, for every method other than the baseline, its comparison with the baseline of the same cell
-    protocol (and the table's ``EXTRA_COMPARISONS``): ``vs``, ``delta``, ``ci_low``, ``ci_high``, ``test``,
+    protocol (and the table's ``TableSpec.comparisons``; ``specs`` default :func:`table_specs`): ``vs``, ``delta``, ``ci_low``, ``ci_high``, ``test``,
     ``p``, ``p_welch``, ``p_holm`` (Holm across the metrics of one method-vs-reference comparison in one block)
     and ``verdict``."""
     extra = ["vs", "delta", "ci_low", "ci_high", "test", "p", "p_welch", "p_holm", "verdict"]
+    specs = table_specs() if specs is None else specs
     rows, comparisons = [], {}  # comparisons: row position -> its Comparison, for the verdict after Holm
     by_key = {tuple(r[k] for k in CELL): r for r in summary.to_dict("records")}
     for r in summary.to_dict("records"):
-        # a variant's own baseline ("baseline-<variant>") is compared only as EXTRA_COMPARISONS say
+        # a variant's own baseline ("baseline-<variant>") is compared only as the table's comparisons say
         refs = [] if r["method"] == BASELINE or r["method"].startswith(BASELINE + "-") else [BASELINE]
-        refs += [ref for m, ref in EXTRA_COMPARISONS.get(r["experiment"], []) if m == r["method"]]
+        spec = specs.get(r["experiment"])
+        refs += [ref for m, ref in (spec.comparisons if spec else ()) if m == r["method"]]
         if len(refs) > 1 and by_key.get(tuple({**r, "method": BASELINE}[k] for k in CELL)) is None:
             refs.remove(BASELINE)  # the block has no plain baseline, but the row has its own reference
         if BASELINE not in refs:  # a row of its own (its mean), then any comparisons the table asks for
@@ -293,13 +336,15 @@ def shown_path(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
-def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str = "results/records.jsonl") -> str:
-    lines = [f"# {TABLES[name]}", "",
+def render(spec: TableSpec, summary: pd.DataFrame, paper: pd.DataFrame, records: str = "results/records.jsonl") -> str:
+    """``tables/<spec.name>.md``: the paper-scale block, then one block per other scale and protocol."""
+    name = spec.name
+    lines = [f"# {spec.title}", "",
              f"Generated by `python -m eval.tables` from `{records}` and `eval/paper_numbers.csv`; do not edit.", "",
              VERDICT_RULE, ""]
     ours = summary[summary["experiment"] == name]
     p = paper[paper["table"] == name]
-    for b in BORROWED.get(name, []):
+    for b in spec.borrowed:
         if b.benchmarks and not set(ours["benchmark"]) & set(b.benchmarks):
             continue  # nothing of this table runs on those benchmarks yet: nothing borrowed
         shown = ", ".join(k if k == v else f"{v} (its {k})" for k, v in b.methods.items())
@@ -315,7 +360,7 @@ def render(name: str, summary: pd.DataFrame, paper: pd.DataFrame, records: str =
     used = set()
     for r in p.sort_values(["benchmark", "method", "metric"]).itertuples(index=False):
         same = ours_paper[(ours_paper["benchmark"] == r.benchmark)
-                          & ours_paper["method"].isin({r.method, BASELINE} if PAPER_BASELINE.get(name) == r.method
+                          & ours_paper["method"].isin({r.method, BASELINE} if spec.paper_baseline == r.method
                                                       else {r.method})
                           & ours_paper["metric"].isin({r.metric, _text(getattr(r, "our_metric", ""))} - {""})]
         used |= set(same.index)
@@ -405,14 +450,18 @@ def _baseline_first(col: pd.Series) -> pd.Series:
     return col.map(lambda m: "" if m == BASELINE else m) if col.name == "method" else col
 
 
-def write_tables(records_path: Path = RECORDS, out_dir: Path = ROOT / "tables", paper_path: Path = PAPER) -> list[Path]:
-    summary = with_deltas(with_borrowed(summarize(load_records(records_path))))
+def write_tables(records_path: Path = RECORDS, out_dir: Path = ROOT / "tables", paper_path: Path = PAPER,
+                 specs: dict[str, TableSpec] | None = None) -> list[Path]:
+    """Write ``<name>.md`` and ``<name>.csv`` per table of ``specs`` (default :func:`table_specs`) and
+    ``verdicts.md`` under ``out_dir``; returns the paths written. Raises ``TableError`` (see :func:`summarize`)."""
+    specs = table_specs() if specs is None else specs
+    summary = with_deltas(with_borrowed(summarize(load_records(records_path)), specs), specs)
     paper = pd.read_csv(paper_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in TABLES:
+    for name, spec in specs.items():
         md = out_dir / f"{name}.md"
-        md.write_text(render(name, summary, paper, shown_path(records_path)))
+        md.write_text(render(spec, summary, paper, shown_path(records_path)))
         csv = out_dir / f"{name}.csv"
         rows = summary[summary["experiment"] == name].copy()
         rows["values"] = rows["values"].map(lambda v: ";".join(f"{x:.6g}" for x in v.values()))
@@ -456,8 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", type=Path, default=RECORDS)
     parser.add_argument("--out", type=Path, default=ROOT / "tables")
     parser.add_argument("--paper", type=Path, default=PAPER)
+    parser.add_argument("--specs", type=Path, default=SPECS,
+                        help="folder whose */table.yaml declare the tables (default: the experiment packages)")
     args = parser.parse_args(argv)
-    for path in write_tables(args.records, args.out, args.paper):
+    for path in write_tables(args.records, args.out, args.paper, table_specs(args.specs)):
         print(path)
 
 

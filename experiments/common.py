@@ -684,7 +684,9 @@ def main(
     if args.scale != "smoke" and not args.no_tables and main_process:
         from eval.tables import write_tables
 
-        write_tables(records, home / "tables")
+        from .registry import table_specs
+
+        write_tables(records, home / "tables", specs=table_specs())
         table = home / "tables" / f"{experiment}.md"
         if table.exists():
             print(table.read_text())

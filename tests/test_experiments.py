@@ -9,8 +9,9 @@ import pytest
 from tests.conftest import ROOT, TINY
 from tests.test_train import ENV, run_train
 
-EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation", "backbones",
-               "readings"]
+from experiments.registry import EXPERIMENTS as REGISTRY
+
+EXPERIMENTS = [name for name, e in REGISTRY.items() if e.smoke_in_ci]  # scaling says why not (its SMOKE_IN_CI)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -54,7 +55,7 @@ def test_preset_names_start_with_their_scale():
 
     from eval.records import scale_of
 
-    for experiment in EXPERIMENTS:
+    for experiment in REGISTRY:
         for preset in import_module(f"experiments.{experiment}").PRESETS:
             assert scale_of(preset.name) == preset.scale, (experiment, preset.name)
 

@@ -14,6 +14,7 @@ import torch
 from core.config import ConfigError, DiffusionConfig, ModelConfig, RunConfig
 from core.hub import WeightsUnavailableError, is_hub_id
 from core.models import Autoencoder, build_scheduler, build_unet, sampler_name
+from experiments.registry import EXPERIMENTS as REGISTRY
 from tests.conftest import ROOT, TINY
 from tests.test_train import ENV, run_train, stats
 
@@ -23,8 +24,8 @@ LDM4 = {  # CompVis configs/latent-diffusion/{celebahq,ffhq}-ldm-vq-4.yaml + REA
     "paper-ffhq256-ldm4-baseline": dict(batch=42, eta=1.0),
     "paper-ffhq256-conprediff": dict(batch=42, eta=1.0),
 }
-EXPERIMENTS = ["unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation", "decoding_ablation",
-               "backbones"]
+# every experiment with paper-scale presets (experiments.registry)
+EXPERIMENTS = [name for name, e in REGISTRY.items() if "paper" in e.scales]
 
 
 def attention_modules(unet):

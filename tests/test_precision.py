@@ -21,9 +21,10 @@ def tiny(*extra: str) -> RunConfig:
 
 
 def all_presets():
-    for table in ("unconditional", "text_to_image", "inpainting", "stride_ablation", "weight_ablation",
-                  "decoding_ablation", "backbones", "readings"):
-        yield from importlib.import_module(f"experiments.{table}").PRESETS
+    from experiments.registry import EXPERIMENTS
+
+    for experiment in EXPERIMENTS:
+        yield from importlib.import_module(f"experiments.{experiment}").PRESETS
 
 
 def test_paper_presets_train_bf16_with_tf32_and_mini_presets_fp32():

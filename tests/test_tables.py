@@ -118,7 +118,7 @@ def test_readings_borrow_the_unconditional_rows_only_where_they_have_records_of_
     assert "pixel" not in set(with_borrowed(summarize(recs)).query("experiment == 'readings'")["benchmark"])
 
     # the backbones table shows the readings' vq-loss runs as its discrete baseline and ConPreDiff rows, in a block
-    # of their own (new_blocks), compared with each other; the readings compare them only as EXTRA_COMPARISONS say
+    # of their own (new_blocks), compared with each other; the readings compare them only as their table.yaml's comparisons say
     vq = [dict(base, experiment="readings", benchmark="discrete", sampler="mask-replace-ancestral-100",
                method=m, seed=s, value=v + s * d) for m, v, d in (("baseline-vq-loss", 3.0, 0.2),
                                                                    ("conprediff-vq-loss", 3.5, 0.3)) for s in range(3)]
@@ -174,7 +174,7 @@ def test_figures_are_deterministic(tmp_path):
             recs.append(dict(base, experiment="decoding_ablation", method=method, seed=seed, metric="step_time_s", value=t))
             recs.append(dict(base, experiment="backbones", benchmark="pixel", method=method, seed=seed, metric="fd_digits", value=fd))
     summary = summarize(recs)
-    for name, draw in (("fig4.png", lambda p: decoding_efficiency(summary, p)),
+    for name, draw in (("fig4.png", lambda p: decoding_efficiency(summary, "decoding_ablation", p)),
                        ("fig5.png", lambda p: grouped(summary, "backbones", p, "t"))):
         first = draw(tmp_path / name).read_bytes()
         assert first[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,14 +261,13 @@ def test_committed_figures_are_drawn_from_the_committed_records(tmp_path):
 
 def test_every_reading_is_tested_against_conprediff():
     """A reading changes one of ConPreDiff's choices, so its table must test it against ConPreDiff as well as the
-    baseline: a reading added to experiments/readings without an EXTRA_COMPARISONS entry fails here."""
-    from eval.tables import EXTRA_COMPARISONS
-    from experiments.readings import PRESETS
+    baseline: a reading added to experiments/readings without an entry in its table.yaml's comparisons fails here."""
+    from experiments.readings import PRESETS, TABLE
 
-    against = {m for m, ref in EXTRA_COMPARISONS["readings"] if ref == "conprediff"}
+    against = {m for m, ref in TABLE.comparisons if ref == "conprediff"}
     own_arms = {"baseline-vq-loss", "conprediff-vq-loss"}  # the discrete readings re-run both arms: tested as a pair
     assert {p.method for p in PRESETS} - own_arms <= against
-    assert ("conprediff-vq-loss", "baseline-vq-loss") in EXTRA_COMPARISONS["readings"]
+    assert ("conprediff-vq-loss", "baseline-vq-loss") in TABLE.comparisons
 
 
 def test_committed_tables_are_regenerated_from_committed_records(tmp_path):

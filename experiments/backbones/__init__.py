@@ -12,6 +12,9 @@ Improved VQ-Diffusion; its Figure 5 gives no numeric values ("n/a").
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+
+from eval.tables import read_table_spec
 
 from ..common import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
@@ -30,7 +33,7 @@ MINI_LATENT = _with(MINI, backbone="latent", model={"vae": str(AUTOENCODER.relat
 # The discrete loss weighted as VQ-Diffusion weights it (L_t / p(t), importance-sampled t, adaptive aux), the
 # cited backbone's; our earlier per-token mean made the context gradient 20x the point gradient and the discrete
 # ConPreDiff rows far worse (results/readings/README.md; those records are superseded). The discrete rows of this
-# table are the readings' vq-loss runs of the same configuration (eval.tables.BORROWED).
+# table are the readings' vq-loss runs of the same configuration (its table.yaml's ``borrowed``).
 MINI_DISCRETE = _with(MINI, backbone="discrete", model={"token_levels": 8, "token_embed_dim": 32},
                       diffusion={"num_train_timesteps": 100, "sampling_steps": 100, "discrete_loss": "vq_diffusion"})
 
@@ -50,3 +53,6 @@ PRESETS = [
     Preset("paper-celebahq256-conprediff", "paper", "conprediff", "latent",
            _with(_paper("celebahq256", 410_000, 48), context={"enabled": True})),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

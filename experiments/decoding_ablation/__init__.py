@@ -12,6 +12,10 @@ The paper shows this as a figure without numeric values ("n/a").
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..common import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
 
@@ -35,3 +39,6 @@ PRESETS = [
     Preset("paper-celebahq256-sinkhorn", "paper", "sinkhorn", "celebahq256",
            _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "solver": "sinkhorn"}), num_samples=50_000),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

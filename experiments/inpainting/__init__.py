@@ -17,6 +17,9 @@ in the unknown region (eta 1) with RePaint's exact jump back (``core.inpaint``);
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+
+from eval.tables import read_table_spec
 
 from ..common import Preset
 from ..unconditional import PAPER_PRECISION, PRESETS as UNCONDITIONAL, _with
@@ -62,3 +65,6 @@ PRESETS = [
            _with(_PAPER_PIXEL, context={"enabled": True}), paper="LPIPS 0.022 (mask column not confirmed)",
            extra=dict(PAPER_REPAINT), num_samples=TEST_IMAGES),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

@@ -43,6 +43,10 @@ far worse than their baselines, and compare with that table's rows:
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..backbones import MINI_DISCRETE, MINI_LATENT
 from ..backbones.autoencoder import train_autoencoder
 from ..common import Preset
@@ -102,3 +106,6 @@ PRESETS += [
     Preset("mini-digits16-discrete-conprediff-vq-loss", "mini", "conprediff-vq-loss", "discrete",
            _with(VQ_LOSS, context={"enabled": True})),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

@@ -34,17 +34,16 @@ from core.objective import image_generators, randn_per_image, uniform_timesteps
 from core.train import build_module, ema_target, quantize
 
 
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-
 
 def find_preset(name: str):
     """The preset called ``name`` in any experiment folder; ``ConfigError`` listing the close names otherwise."""
     import difflib
-    import importlib
+
+    from experiments.registry import EXPERIMENTS
 
     found = {}
-    for folder in sorted(p.parent.name for p in EXPERIMENTS.glob("*/__init__.py")):
-        for preset in getattr(importlib.import_module(f"experiments.{folder}"), "PRESETS", []):
+    for experiment in EXPERIMENTS.values():
+        for preset in experiment.presets:
             found.setdefault(preset.name, preset)
     if name not in found:
         close = difflib.get_close_matches(name, found, n=5)

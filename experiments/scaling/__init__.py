@@ -66,3 +66,9 @@ for _method in ("baseline", "conprediff"):
         PRESETS.append(_cell(32, _steps, _method, _prev))
     for _width in (16, 64):  # the width axis, at 2,000 steps
         PRESETS.append(_cell(_width, 2000, _method, None))
+
+# No table.yaml: the report (experiments.scaling.report) writes tables/scaling.md and figures/scaling.png itself.
+TABLE = None
+# tests/test_experiments.py smokes every other experiment's presets; these ten are the unconditional mini rows with
+# width and steps changed (tests/test_scaling.py checks that, and runs a continued run on a tiny model).
+SMOKE_IN_CI = False

@@ -10,6 +10,10 @@ this ablation ("n/a"). Paper scale: the CelebA-HQ LDM-4 preset with the same str
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..common import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with, estimated_minutes
 
@@ -38,3 +42,6 @@ PRESETS = [
     _paper_row("strides-12", [1, 2]),
     _paper_row("strides-1234", [1, 2, 3, 4]),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

@@ -16,6 +16,10 @@ classifier agrees with the prompt), never FID.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..common import Preset
 from ..unconditional import MINI, PAPER_PRECISION, _with
 
@@ -74,3 +78,6 @@ PRESETS = [
            paper="n/a (COCO-trained; the paper's FID-30K numbers are zero-shot)", num_samples=30_000,
            extra={"prompts_file": COCO_PROMPTS}),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

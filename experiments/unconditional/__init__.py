@@ -12,6 +12,10 @@ FID (clean-fid). Mini scale: a pixel DDPM on the embedded 16x16 digits, proxy me
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..common import Preset
 
 # Shared by every mini row: a 1.05 M-parameter UNet (16, 8 and 4 px levels), 16x16 digits, 2-core CPU budget.
@@ -151,3 +155,6 @@ PRESETS = [
     Preset("paper-ffhq256-conprediff", "paper", "conprediff", "ffhq256",
            _with(FFHQ, context={"enabled": True}), paper="FID 2.24", num_samples=50_000, lr_per_image=LDM_LR_PER_IMAGE),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))

@@ -10,6 +10,10 @@ with λ = 0.1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from eval.tables import read_table_spec
+
 from ..common import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
 
@@ -30,3 +34,6 @@ PRESETS = [
     Preset("paper-celebahq256-lambda-0.1", "paper", "lambda-0.1", "celebahq256",
            _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "weight": 0.1}), num_samples=50_000),
 ]
+
+# Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
+TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))
