@@ -1,6 +1,6 @@
 """Many (preset, seed) runs at once: live progress, one GPU per worker, and SLURM jobs through submitit.
 
-* ``--jobs N`` (:func:`experiments.common.run_in_parallel`) runs workers on this machine; :class:`ProgressBoard`
+* ``--jobs N`` (:func:`experiments.runner.run_in_parallel`) runs workers on this machine; :class:`ProgressBoard`
   shows one line per run (step of total, it/s, time left) read from each run's own ``config.yaml`` and
   ``stats.jsonl``, and :class:`GpuPool` gives each worker the GPU fewest running workers hold
   (``CUDA_VISIBLE_DEVICES``, round robin over the visible devices).
@@ -37,7 +37,7 @@ ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEND
 
 
 def run_dir_for(runs_dir: Path, scale: str, preset: str, seed: int) -> Path:
-    """Where ``experiments.common.main`` trains (preset, seed): ``<runs>/smoke/<name>`` at smoke scale, else
+    """Where ``experiments.runner.main`` trains (preset, seed): ``<runs>/smoke/<name>`` at smoke scale, else
     ``<runs>/<name>`` (shared by the experiments that use the preset)."""
     from core.runlog import run_name
 
@@ -436,7 +436,7 @@ def launch(experiment: str, tasks: list, args: argparse.Namespace, records: Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The launcher's flags (``experiments.common.main``)."""
+    """The launcher's flags (``experiments.runner.main``)."""
     g = parser.add_argument_group("cluster (submitit)")
     g.add_argument("--launcher", choices=("slurm", "local"),
                    help="send each (preset, seed) run as one submitit job: slurm (sbatch; returns after submitting) or "

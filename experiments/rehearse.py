@@ -47,8 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from core.runlog import read_provenance
+from eval.records import ROOT
 
-from .common import ROOT, SMOKE, Preset
+from .presets import Preset
+from .smoke import SMOKE
 
 EXPERIMENTS = ("unconditional", "inpainting", "text_to_image")  # the paper tables' runners (the others reuse them)
 STAGES = ("check", "latent_cache", "train", "checkpoint", "export", "sample", "metrics")

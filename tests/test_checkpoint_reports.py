@@ -53,7 +53,8 @@ def test_diverged_export_stops_sampling_naming_seeds_and_pipeline_and_records_no
     """Report 4: an export trained with train.lr=3e37 train.max_grad_norm=0 train.steps=1 train.warmup_steps=0 samples
     100% NaN; to_uint8 wrote black PNGs and the run recorded metrics as if fine."""
     from core.train import train
-    from experiments.common import Preset, evaluate_unconditional
+    from experiments.evaluate import evaluate_unconditional
+    from experiments.presets import Preset
 
     cfg = tiny_config("train.lr=3e37", "train.max_grad_norm=0", "train.steps=1", "train.warmup_steps=0",
                       "diffusion.sampling_steps=5")
@@ -114,7 +115,7 @@ def test_latent_decode_to_non_finite_images_writes_no_png(tmp_path):
     from core.models import Autoencoder, build_unet
     from core.sample import sample_pipeline
     from core.train import export_pipeline
-    from experiments.common import make_random_autoencoder
+    from experiments.smoke import make_random_autoencoder
 
     vae = Autoencoder(str(make_random_autoencoder(tmp_path / "vae", 1)))
     torch.nn.init.constant_(vae.model.decoder.conv_out.bias, float("nan"))

@@ -91,7 +91,7 @@ def fake_args(tmp_path, **kw):
 def test_jobs_give_each_running_worker_its_own_gpu_and_show_progress(tmp_path, monkeypatch, capsys):
     """--jobs 2 with CUDA_VISIBLE_DEVICES=3,5: every worker gets one of those GPUs, never the one a running worker
     holds; the board prints each run's steps while the (fake) workers write stats.jsonl."""
-    from experiments import common
+    from experiments import runner
     from experiments.unconditional import PRESETS
 
     seen, running, lock = [], set(), threading.Lock()
@@ -113,7 +113,7 @@ def test_jobs_give_each_running_worker_its_own_gpu_and_show_progress(tmp_path, m
     monkeypatch.setattr(subprocess, "run", fake_worker)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     tasks = [(p, s) for p in PRESETS[:2] for s in (0, 1)]
-    common.run_in_parallel("unconditional", tasks, fake_args(tmp_path), tmp_path / "records.jsonl")
+    runner.run_in_parallel("unconditional", tasks, fake_args(tmp_path), tmp_path / "records.jsonl")
     assert len(seen) == 4 and {g for *_, g, _ in seen} == {"3", "5"}
     out = capsys.readouterr().out
     assert out.count(": started on GPU ") == 4 and out.count(": done in") == 4
@@ -122,7 +122,7 @@ def test_jobs_give_each_running_worker_its_own_gpu_and_show_progress(tmp_path, m
 
 
 def test_jobs_leave_the_environment_alone_without_gpus(tmp_path, monkeypatch):
-    from experiments import common
+    from experiments import runner
     from experiments.unconditional import PRESETS
 
     envs = []
@@ -133,7 +133,7 @@ def test_jobs_leave_the_environment_alone_without_gpus(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_worker)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    common.run_in_parallel("unconditional", [(PRESETS[0], 0), (PRESETS[0], 1)], fake_args(tmp_path),
+    runner.run_in_parallel("unconditional", [(PRESETS[0], 0), (PRESETS[0], 1)], fake_args(tmp_path),
                            tmp_path / "records.jsonl", gpus=[])
     assert len(envs) == 2 and all("CUDA_VISIBLE_DEVICES" not in e for e in envs)
 
@@ -203,7 +203,7 @@ def test_local_launcher_runs_a_smoke_preset_and_resubmits_only_unfinished_runs(t
 
 
 def test_launcher_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
-    from experiments.common import main
+    from experiments.runner import main
     from experiments.unconditional import PRESETS
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/srun
@@ -266,7 +266,7 @@ def test_report_to_a_missing_tracker_names_its_pip_package(tmp_path, capsys):
         pytest.skip("tensorboard is installed here: the missing-package error cannot be shown")
     with pytest.raises(ImportError, match="pip install tensorboard"):
         check_tracker("tensorboard")
-    from experiments.common import main
+    from experiments.runner import main
     from experiments.unconditional import PRESETS
 
     with pytest.raises(SystemExit) as e:

@@ -81,7 +81,7 @@ def test_jobs_runs_presets_in_parallel_workers(tmp_path):
 def test_set_applies_at_every_scale_and_a_bad_one_is_one_line_before_any_compute(tmp_path, capsys):
     """--set reaches smoke runs too (it was silently dropped there), and an unknown key, an impossible value or a
     malformed override stops the command with one argparse line naming the preset, before any run directory exists."""
-    from experiments.common import main
+    from experiments.runner import main
     from experiments.unconditional import PRESETS
 
     base = ["--runs-dir", str(tmp_path / "runs")]

@@ -35,7 +35,8 @@ def test_continued_run_is_exported_sampled_and_recorded_again(tmp_path):
     from core.train import train
     from eval.records import load_records
     from core.sample import load_pngs as load_samples
-    from experiments.common import Preset, evaluate_unconditional
+    from experiments.evaluate import evaluate_unconditional
+    from experiments.presets import Preset
 
     preset = Preset("mini-digits16-baseline", "mini", "baseline", "digits16", {})
     run, records = tmp_path / "run", tmp_path / "rec.jsonl"
@@ -409,12 +410,13 @@ def test_resolution_must_fit_the_unet_and_the_autoencoder():
 
 
 def test_sample_counts_the_metrics_cannot_use_are_refused_before_sampling(tmp_path):
-    from experiments.common import Preset, evaluate_unconditional
+    from experiments.evaluate import evaluate_unconditional
+    from experiments.presets import Preset
 
     with pytest.raises(ValueError, match="precision_digits needs >= 4"):
         evaluate_unconditional("unconditional", Preset("p", "mini", "baseline", "digits16", {}), RunConfig(),
                                tmp_path / "no-run", "mini", 3, tmp_path / "r.jsonl")
-    from experiments.common import main
+    from experiments.runner import main
     from experiments.unconditional import PRESETS
 
     with pytest.raises(SystemExit):

@@ -92,7 +92,7 @@ def test_a_retrained_draw_of_the_same_config_is_refused_at_evaluation(first_mode
 
     from core.config import RunConfig, load_yaml
     from eval.records import OtherModelError
-    from experiments.common import evaluate_unconditional
+    from experiments.evaluate import evaluate_unconditional
     from experiments.unconditional import PRESETS
 
     r1, _ = first_model
@@ -243,7 +243,7 @@ def test_a_batch_out_of_gpu_memory_is_split_into_the_same_images():
 def test_sampling_batch_reaches_the_sampler(first_model, monkeypatch):
     import core.sample
     from core.config import RunConfig, apply_overrides, load_yaml
-    from experiments.common import evaluate_unconditional
+    from experiments.evaluate import evaluate_unconditional
     from experiments.unconditional import PRESETS
 
     r1, _ = first_model
@@ -262,7 +262,7 @@ def test_sampling_batch_reaches_the_sampler(first_model, monkeypatch):
 
 
 def test_inpainting_takes_its_image_count_and_repaint_settings_from_the_command():
-    from experiments.common import with_eval_options
+    from experiments.presets import with_eval_options
     from experiments.inpainting import PRESETS
 
     p = next(p for p in PRESETS if p.name == "paper-celebahq256-pixel-conprediff")
@@ -393,7 +393,7 @@ def test_a_resume_keeps_every_segment_and_refuses_other_data(tmp_path, monkeypat
     """A resume after a code change went on silently and env.json kept only the new commit."""
     from core.config import ConfigError, RunConfig, apply_overrides
     from core.train import train
-    from experiments.common import make_fake_imagefolder
+    from experiments.smoke import make_fake_imagefolder
 
     folder = make_fake_imagefolder(tmp_path / "faces", 1)
     cfg = RunConfig.from_dict(apply_overrides({}, TINY + [f"data.source={folder}", "train.steps=4",

@@ -221,16 +221,16 @@ def bare_machine(tmp_path, monkeypatch):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_paper_preset_stops_before_training_naming_every_missing_input(experiment, bare_machine, monkeypatch,
                                                                              capsys):
-    import experiments.common as common
+    from experiments import runner, runs
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(common, "train", no_training)
+    monkeypatch.setattr(runs, "train", no_training)
     module = importlib.import_module(f"experiments.{experiment}")
     paper = [p for p in module.PRESETS if p.scale == "paper"]
     with pytest.raises(SystemExit) as stop:
-        common.main(experiment, module.PRESETS, module.__doc__, ["--scale", "paper", "--seeds", "0",
+        runner.main(experiment, module.PRESETS, module.__doc__, ["--scale", "paper", "--seeds", "0",
                                                                   "--runs-dir", str(bare_machine / "runs")])
     assert stop.value.code == 1
     out = capsys.readouterr().out
@@ -255,14 +255,14 @@ def test_every_paper_preset_stops_before_training_naming_every_missing_input(exp
 def test_the_preflight_report_is_printed_once_under_a_multi_process_launch(bare_machine, monkeypatch, capsys):
     """`accelerate launch --num_processes 8` runs the command 8 times: only rank 0 prints the report (it was printed
     8 times), every rank stops with status 1; with --check the report does not tell the user to add --check."""
-    import experiments.common as common
+    from experiments import runner
     from experiments.unconditional import PRESETS
 
     argv = ["--scale", "paper", "--presets", "paper-celebahq256-ldm4-baseline", "--runs-dir", str(bare_machine / "runs")]
     for rank, check in (("1", []), ("0", []), ("0", ["--check"])):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as stop:
-            common.main("unconditional", PRESETS, "", argv + check)
+            runner.main("unconditional", PRESETS, "", argv + check)
         out = capsys.readouterr().out
         assert stop.value.code == 1
         assert ("preflight:" in out) == (rank == "0")
@@ -272,7 +272,7 @@ def test_the_preflight_report_is_printed_once_under_a_multi_process_launch(bare_
 
 def test_check_passes_once_every_input_is_there(bare_machine, monkeypatch, capsys):
     """--check with a prepared folder, a local autoencoder, the Inception file and FID statistics: exit 0, no training."""
-    import experiments.common as common
+    from experiments import runner, runs, smoke
     from experiments.unconditional import PRESETS
 
     for split in ("train", "test"):
@@ -280,7 +280,7 @@ def test_check_passes_once_every_input_is_there(bare_machine, monkeypatch, capsy
         from PIL import Image
 
         Image.new("RGB", (8, 8)).save(bare_machine / "data" / "celebahq256" / split / "0.png")
-    vae = common.make_random_autoencoder(bare_machine / "vae", 3)
+    vae = smoke.make_random_autoencoder(bare_machine / "vae", 3)
     (bare_machine / "weights").mkdir()
     # Stand-ins that pass the identity checks: a TorchScript with clean-fid's interface, and torch-fidelity's file
     # with its sha256 read as the prefix its name carries (the real files are not on this machine).
@@ -300,8 +300,8 @@ def test_check_passes_once_every_input_is_there(bare_machine, monkeypatch, capsy
     monkeypatch.setattr(eval.metrics, "file_sha256", lambda path: "6726825d" + "0" * 56)
     (bare_machine / "fid_refs").mkdir()
     np.savez(bare_machine / "fid_refs" / "celebahq256.npz", mu=np.zeros(2), sigma=np.eye(2))
-    monkeypatch.setattr(common, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("training started")))
-    common.main("unconditional", PRESETS, "", ["--scale", "paper", "--presets", "paper-celebahq256-ldm4-baseline",
+    monkeypatch.setattr(runs, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("training started")))
+    runner.main("unconditional", PRESETS, "", ["--scale", "paper", "--presets", "paper-celebahq256-ldm4-baseline",
                                                "--check", "--set", f"model.vae={vae}", "--set", "model.vae_revision=null",
                                                "--set", "model.vae_subfolder=null"])
     assert "every input of paper-celebahq256-ldm4-baseline is present" in capsys.readouterr().out

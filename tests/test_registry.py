@@ -33,7 +33,7 @@ def toy_package(root: Path, package: str) -> Path:
         from pathlib import Path
 
         from eval.tables import read_table_spec
-        from experiments.common import Preset
+        from experiments.presets import Preset
         from experiments.unconditional import MINI, _with
 
         PRESETS = [Preset(f"mini-digits16-{m}", "mini", m, "digits16", _with(MINI, context={"enabled": True}))

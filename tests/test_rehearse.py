@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from core.runlog import STAGES_ENV, Stage, read_jsonl, staged
-from experiments.common import ROOT, sampler_configs, worker_argv
+from eval.records import ROOT
+from experiments.presets import sampler_configs
+from experiments.runner import worker_argv
 
 
 def test_stage_rows_time_and_peak_memory(tmp_path, monkeypatch):

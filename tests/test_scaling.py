@@ -24,7 +24,7 @@ def test_a_continued_run_is_the_run_trained_straight(tmp_path):
     """The 5,000- and 12,500-step cells continue shorter runs: the same weights as training straight there."""
     from core.runlog import read_jsonl
     from core.train import train
-    from experiments.common import continue_from
+    from experiments.runs import continue_from
 
     straight, short, longer = tmp_path / "straight", tmp_path / "short", tmp_path / "longer"
     train(cfg(6), straight)

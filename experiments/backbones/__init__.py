@@ -16,7 +16,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
 from .autoencoder import AUTOENCODER, train_autoencoder
 

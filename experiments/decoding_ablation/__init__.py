@@ -16,7 +16,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
 
 _base = {p.name: p for p in UNCONDITIONAL}

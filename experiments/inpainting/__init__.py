@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import PAPER_PRECISION, PRESETS as UNCONDITIONAL, _with
 
 _base = {p.name: p for p in UNCONDITIONAL}

@@ -1,4 +1,4 @@
-from ..common import main
+from ..runner import main
 from . import PRESETS, __doc__
 from .evaluate import evaluate_inpainting
 

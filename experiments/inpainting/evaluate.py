@@ -18,10 +18,12 @@ from core.data import ImageData
 from core.inpaint import MASK_KINDS, MASK_VERSION, make_mask, repaint, repaint_sampler_name
 from core.masks import DEFAULT_MASKS_DIR, paper_masks
 from core.runlog import staged
-from core.sample import default_batch, load_png, load_unet, pipeline_provenance, to_uint8, write_missing_pngs
+from core.sample import (default_batch, load_png, load_unet, pipeline_provenance, save_grid, to_uint8,
+                         write_missing_pngs)
 from eval.records import append_record, load_records, recorded
 
-from ..common import Preset, check_records, record_key, save_grid, tensor_hash
+from ..evaluate import check_records, record_key, tensor_hash
+from ..presets import Preset
 
 METRICS = ("percep_digits", "mse_hole", "psnr_hole")
 

@@ -49,7 +49,7 @@ from eval.tables import read_table_spec
 
 from ..backbones import MINI_DISCRETE, MINI_LATENT
 from ..backbones.autoencoder import train_autoencoder
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, _with
 
 CONPREDIFF = _with(MINI, context={"enabled": True})

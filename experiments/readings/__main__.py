@@ -1,4 +1,4 @@
-from ..common import main
+from ..runner import main
 from . import PRESETS, __doc__
 
 main("readings", PRESETS, __doc__)

@@ -26,7 +26,7 @@ t-test of those slopes across seeds (H0: slope 0), with its 95% CI.
 
 from __future__ import annotations
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, _with
 
 # The primary protocol (ancestral DDPM, 250 steps, no x0 clipping) and DDIM-50 beside it.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with, estimated_minutes
 
 _base = {p.name: p for p in UNCONDITIONAL}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 from ..unconditional import MINI, PAPER_PRECISION, _with
 
 MINI_T2I = _with(

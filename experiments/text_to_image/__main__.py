@@ -3,7 +3,8 @@ from pathlib import Path
 
 from core.data import digit_caption
 
-from ..common import evaluate_unconditional, main
+from ..evaluate import evaluate_unconditional
+from ..runner import main
 from . import PRESETS, __doc__
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from eval.tables import read_table_spec
 
-from ..common import Preset
+from ..presets import Preset
 
 # Shared by every mini row: a 1.05 M-parameter UNet (16, 8 and 4 px levels), 16x16 digits, 2-core CPU budget.
 # [choice, tuned 2026-11-22 on seed 0 of the baseline, 500 samples] The third (4x4) level and the cosine
