@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -383,6 +384,65 @@ def atomic_dir(out_dir: Path):
     fsync_path(out_dir.parent)
 
 
+def model_inputs(cfg: RunConfig, inner: torch.nn.Module, x0: torch.Tensor, step: int, positions: range,
+                 images: Sequence[int], data: ImageData, vae: Autoencoder | None, text=None) -> tuple:
+    """The training module's arguments for one micro-batch, per backbone (the one place the step body branches).
+
+    ``x0``: the micro-batch as read, ``(b, C, H, W)`` images in [-1, 1] on the module's device, or the cached encoder
+    moments (``data.latent_cache``). ``positions``: the images' positions in the step's global batch (every random
+    draw is keyed by (seed, step, position): :func:`core.objective.image_generators`); ``images``: their dataset
+    indices (captions). Latent: ``x0`` becomes the autoencoder's latents (posterior mean, or a sample keyed by
+    position when ``model.latent_sampling='sample'``). Discrete: ``(tokens (b, C, H, W) long, t (b,), generators)``
+    with t uniform or VQ-Diffusion's importance sampling (``diffusion.discrete_loss``). Pixel and latent: ``(x0,
+    noise, t (b,), text embeddings or None, generators or None)``; captions are dropped (replaced by "") with
+    probability ``train.cond_dropout``, one draw per image, for classifier-free guidance. The draws are made in this
+    order so that every backbone's inputs are those of earlier versions bit for bit.
+    """
+    tc, device = cfg.train, x0.device
+    if vae:  # latents from the cached or just computed encoder output: the same calls either way
+        moments = x0 if cfg.data.latent_cache else vae.encode_moments(x0)
+        x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
+                                      if cfg.model.latent_sampling == "sample" else None)
+    gens = image_generators(tc.seed, step, positions)
+    if cfg.backbone == "discrete":
+        return quantize(x0, cfg.model.token_levels), inner.sample_timesteps(gens).to(device), gens
+    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
+    noise = randn_per_image(gens, x0.shape[1:], device)
+    cond = None
+    if text is not None:  # caption dropout for classifier-free guidance, drawn per image
+        captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout else data.caption(i, tc.seed, step)
+                    for i, g in zip(images, gens)]
+        cond = text.encode(captions)
+    return x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None
+
+
+def write_environment(run_dir: Path, cfg: RunConfig, start: int, data: ImageData, data_id: dict, resume_notes: list[str],
+                      *, shared_device: bool | None, num_processes: int, device: torch.device, mixed_precision: str,
+                      launcher_precision: str | None, frozen_dtype: torch.dtype) -> dict:
+    """Write ``run_dir/env.json`` for the training segment starting at step ``start`` and return it.
+
+    Fields: ``shared_device`` (sticky across segments: :func:`sticky_shared`), the package versions and git commit
+    (:func:`core.runlog.environment`), ``num_images``, ``images_skipped``, ``num_processes``, ``device``,
+    ``mixed_precision`` (what trains), ``launcher_mixed_precision``, ``frozen_encoders_dtype``, ``tf32_matmul`` and
+    ``tf32_cudnn`` (as set on a CUDA device; False elsewhere), ``loaded_weights``, ``data`` (:func:`data_identity`)
+    and ``segments``: every segment's ``SEGMENT_KEYS`` with its ``from_step`` and resume ``notes`` (a resume appends,
+    never erases an earlier segment).
+    """
+    cuda = device.type == "cuda"
+    before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
+    env = {"shared_device": sticky_shared(before, shared_device),
+           **environment(), "num_images": len(data), "images_skipped": len(data.skipped), "num_processes": num_processes,
+           "device": str(device), "mixed_precision": mixed_precision, "launcher_mixed_precision": launcher_precision,
+           "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
+           "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
+           "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg),
+           "data": data_id}
+    earlier = segments(run_dir) if start else []
+    env["segments"] = earlier + [{"from_step": start, **{k: env[k] for k in SEGMENT_KEYS}, "notes": resume_notes}]
+    write_atomic(run_dir / "env.json", json.dumps(env, indent=2))
+    return env
+
+
 def train(
     cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after: int | None = None,
     report_to: str = "none", shared_device: bool | None = None, allow_data_change: bool = False,
@@ -480,17 +540,10 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
     # This segment's config and environment (a finished run keeps the ones it was trained with).
     if main and start < tc.steps:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        before = recorded_shared(run_dir) if start else False  # resuming: what the earlier segments recorded
-        env = {"shared_device": sticky_shared(before, shared_device),
-               **environment(), "num_images": len(data), "images_skipped": len(data.skipped), "num_processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
-               "launcher_mixed_precision": launcher_precision, "frozen_encoders_dtype": str(frozen_dtype).removeprefix("torch."),
-               "tf32_matmul": cuda and torch.backends.cuda.matmul.allow_tf32,
-               "tf32_cudnn": cuda and torch.backends.cudnn.allow_tf32, "loaded_weights": loaded_weights(cfg),
-               "data": data_id or data_identity(data, cfg)}
-        # Every segment (a first run and each resume) keeps what it ran with: a later one never erases an earlier one.
-        earlier = segments(run_dir) if start else []
-        env["segments"] = earlier + [{"from_step": start, **{k: env[k] for k in SEGMENT_KEYS}, "notes": resume_notes}]
-        write_atomic(run_dir / "env.json", json.dumps(env, indent=2))
+        write_environment(run_dir, cfg, start, data, data_id or data_identity(data, cfg), resume_notes,
+                          shared_device=shared_device, num_processes=world, device=device,
+                          mixed_precision=accelerator.mixed_precision, launcher_precision=launcher_precision,
+                          frozen_dtype=frozen_dtype)
         for note in resume_notes:
             log(f"resume: {note}")
         stats = [r for r in read_jsonl(run_dir / "stats.jsonl") if r["step"] <= start]
@@ -528,23 +581,8 @@ def _train(cfg: RunConfig, run_dir: Path, allow_config_change: bool, stop_after:
                 first = m * micro + offset
                 positions = range(step * tc.batch_size + first, step * tc.batch_size + first + local_batch)
                 x0 = next(batches).to(device, non_blocking=cuda)
-                if vae:  # latents from the cached or just computed encoder output: the same calls either way
-                    moments = x0 if cfg.data.latent_cache else vae.encode_moments(x0)
-                    x0 = vae.latents_from_moments(moments, posterior_generators(tc.seed, step, positions)
-                                                  if cfg.model.latent_sampling == "sample" else None)
-                gens = image_generators(tc.seed, step, positions)
-                if discrete:  # t uniform, or VQ-Diffusion's importance sampling (diffusion.discrete_loss)
-                    inputs = (quantize(x0, cfg.model.token_levels), inner.sample_timesteps(gens).to(device), gens)
-                else:
-                    timesteps = uniform_timesteps(gens, cfg.diffusion.num_train_timesteps)
-                    noise = randn_per_image(gens, x0.shape[1:], device)
-                    cond = None
-                    if text is not None:  # caption dropout for classifier-free guidance, drawn per image
-                        mine = batch[first : first + local_batch]
-                        captions = ["" if torch.rand(1, generator=g).item() < tc.cond_dropout
-                                    else data.caption(i, tc.seed, step) for i, g in zip(mine, gens)]
-                        cond = text.encode(captions)
-                    inputs = (x0, noise, timesteps.to(device), cond, gens if inner.context is not None else None)
+                inputs = model_inputs(cfg, inner, x0, step, positions, batch[first : first + local_batch], data, vae,
+                                      text)
                 with accelerator.no_sync(module) if m < tc.grad_accumulation - 1 else contextlib.nullcontext():
                     losses = module(*inputs)
                     accelerator.backward(losses["loss"] * share_weight / tc.grad_accumulation)
