@@ -76,10 +76,9 @@ def fd_context_vs_digits(paths: Sequence[Path], resolution: int, strides: Sequen
 def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = STRIDES) -> dict:
     """Measure ``samples`` (``<run>/samples/<sampler>``) and append the record beside the run's ``fd_digits`` record
     (same experiment(s), preset, seed, checkpoint, sampler, sample count). Returns the first record written."""
-    from importlib.metadata import version
-
     from core.runlog import run_name
 
+    from .metric_specs import backend
     from .records import append_record, load_records
 
     run, sampler = samples.parent.parent.name, samples.name
@@ -99,9 +98,7 @@ def record_beside(samples: Path, records_path: Path, strides: Sequence[int] = ST
         resolution = int(anchor["benchmark"].removeprefix("digits").split("-")[0])
         value = fd_context_vs_digits(paths, resolution, strides)
         rec = {k: v for k, v in anchor.items() if k not in ("git_commit", "time", "device", "value", "metric", "backend")}
-        rec.update(metric=name, value=value, device=anchor.get("device", ""),
-                   backend=f"eval.context_stats (dilated rings, sorted sets) + clean-fid {version('clean-fid')} "
-                           "frechet_distance; measured after the run from its sample folder")
+        rec.update(metric=name, value=value, device=anchor.get("device", ""), backend=backend(name, after_run=True))
         append_record(rec, records_path)
         written.append(rec)
     if not written:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .metric_specs import higher_is_better  # noqa: F401 (eval.figures and the tests take it from here too)
 from .records import RECORDS, ROOT, load_records
 
 PAPER = Path(__file__).resolve().parent / "paper_numbers.csv"
@@ -122,12 +123,7 @@ def table_specs(folder: Path = SPECS) -> dict[str, TableSpec]:
     return {spec.name: spec for spec in map(read_table_spec, sorted(Path(folder).glob("*/table.yaml")))}
 
 
-HIGHER_IS_BETTER = ("acc", "prompt_acc", "precision", "recall", "psnr", "confident")
 BASELINE = "baseline"
-
-
-def higher_is_better(metric: str) -> bool:
-    return any(metric.startswith(p) or metric.split("_")[0] == p for p in HIGHER_IS_BETTER)
 
 
 def fmt(x: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from core.data import ImageData
 from core.models import sampler_name
 from core.runlog import read_jsonl
 from core.sample import load_pngs, sample_pipeline, save_grid
+from eval.metric_specs import backend as metric_backend
 from eval.records import append_record, load_records, recorded
 
 from .presets import Preset
@@ -118,17 +118,11 @@ def evaluate_unconditional(
     values = digits_proxy_metrics(fake, real, None if labels is None else np.array(labels))
     values[context_metric()] = fd_context(fake, real)  # the mechanism metric: neighborhood statistics
     values["step_time_s"] = median_step_time(run_dir)
-    backend = f"digits classifier r{cfg.data.resolution} + clean-fid {version('clean-fid')} " \
-              f"+ torch-fidelity {version('torch-fidelity')}"
     out = []
     for metric in missing:
         rec = dict(key, benchmark=preset.benchmark, method=preset.method, metric=metric, value=values[metric], ema=True,
                    reference=f"digits train split r{cfg.data.resolution} ({len(real)} images, "
-                   f"sha {tensor_hash(real)})", backend={
-                       "step_time_s": "median of stats.jsonl step_time over the second half of training "
-                                      "(wall clock, this machine)",
-                       context_metric(): f"eval.context_stats (dilated rings, sorted sets) + clean-fid "
-                                         f"{version('clean-fid')} frechet_distance"}.get(metric, backend))
+                   f"sha {tensor_hash(real)})", backend=metric_backend(metric, resolution=cfg.data.resolution))
         note = small_sample_note(num_samples, metric)
         if note:
             rec["note"] = note

@@ -105,3 +105,37 @@ def test_a_table_spec_refuses_unknown_keys(tmp_path):
     path.write_text("title: t\nfigure: {file: x.png, title: t, kind: pie}\n")
     with pytest.raises(TableError, match="pie"):
         read_table_spec(path)
+
+
+def test_one_metric_spec_per_recorded_metric_with_the_old_directions_and_backends():
+    """eval.metric_specs.METRICS is the one list tables, evaluation and record_beside read: every metric in a
+    committed records file has a spec, each direction is the one the tables' prefix rule gave, and the backend texts
+    are the ones records were written with."""
+    from importlib.metadata import version
+
+    from eval.metric_specs import backend, higher_is_better, metric_spec
+    from eval.records import ROOT
+
+    def prefix_rule(metric):  # the tables' rule before the specs
+        return any(metric.startswith(p) or metric.split("_")[0] == p
+                   for p in ("acc", "prompt_acc", "precision", "recall", "psnr", "confident"))
+
+    recorded = {json.loads(line)["metric"] for path in [*(ROOT / "results").rglob("records.jsonl"),
+                                                       FIXTURES / "records.jsonl"]
+                for line in path.read_text().splitlines() if line.strip()}
+    others = {"fid50k_cleanfid", "fid30k_torchfidelity", "precision_k3_torchfidelity", "recall_k3_torchfidelity",
+              "lpips_alex", "accuracy", "prompt_acc_top1", "made_up_distance"}
+    assert all(metric_spec(m) is not None for m in recorded), sorted(m for m in recorded if metric_spec(m) is None)
+    for m in recorded | others:
+        assert higher_is_better(m) == prefix_rule(m), m
+    clean, fidelity = version("clean-fid"), version("torch-fidelity")
+    assert backend("fd_digits", resolution=16) == f"digits classifier r16 + clean-fid {clean} + torch-fidelity {fidelity}"
+    assert backend("step_time_s") == ("median of stats.jsonl step_time over the second half of training "
+                                      "(wall clock, this machine)")
+    context = f"eval.context_stats (dilated rings, sorted sets) + clean-fid {clean} frechet_distance"
+    assert backend("fd_context_s123") == context
+    assert backend("fd_context_s123", after_run=True) == context + "; measured after the run from its sample folder"
+    assert backend("psnr_hole") == backend("mse_hole") == "numpy, pixels in [-1, 1], hole region only"
+    assert backend("percep_digits") == "digits classifier conv maps (LPIPS-style proxy)"
+    with pytest.raises(KeyError):
+        backend("fid50k_cleanfid")

@@ -108,9 +108,9 @@ def metric_backend(metric: str) -> str:
 
         alexnet = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
         return f"lpips {version('lpips')} AlexNet v0.1 ({weights_identity(alexnet)}), whole image"
-    if metric.startswith("percep"):
-        return "digits classifier conv maps (LPIPS-style proxy)"
-    return "numpy, pixels in [-1, 1], hole region only"
+    from eval.metric_specs import backend
+
+    return backend(metric)  # percep_digits, mse_hole, psnr_hole
 
 
 @staged("metrics")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from eval.metric_specs import higher_is_better
 from eval.records import RECORDS, ROOT, load_records
 
 from . import PRESETS, STEPS, WIDTHS
@@ -28,7 +29,6 @@ from . import PRESETS, STEPS, WIDTHS
 PRIMARY, SECONDARY = "ddpm-250-noclip", "ddim-50-noclip"
 TABLE, FIGURE = "scaling.md", "scaling.png"  # under tables/ and figures/
 METRICS = ("fd_digits", "kid_digits", "confident_digits", "precision_digits", "recall_digits", "fd_context_s123")
-HIGHER_IS_BETTER = {"confident_digits", "precision_digits", "recall_digits"}
 CELLS = {p.name: (p.extra["width"], p.extra["steps"], p.method) for p in PRESETS}
 
 
@@ -126,7 +126,7 @@ def render(records: list[dict], records_name: str) -> str:
                   "| metric | width | steps | baseline | ConPreDiff | gap [95% CI] | gap / baseline | p (paired) | n |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for metric in METRICS:
-            arrow = "↑" if metric in HIGHER_IS_BETTER else "↓"
+            arrow = "↑" if higher_is_better(metric) else "↓"
             for width, steps in [(32, s) for s in STEPS] + [(w, 2000) for w in WIDTHS if w != 32]:
                 base = v.get((sampler, metric, width, steps, "baseline"), {})
                 ctx = v.get((sampler, metric, width, steps, "conprediff"), {})
