@@ -52,7 +52,6 @@ from eval.records import ROOT
 from .presets import Preset
 from .smoke import SMOKE
 
-EXPERIMENTS = ("unconditional", "inpainting", "text_to_image")  # the paper tables' runners (the others reuse them)
 STAGES = ("check", "latent_cache", "train", "checkpoint", "export", "sample", "metrics")
 PHASES = ("first", "resume", "again")
 
@@ -71,12 +70,15 @@ CLIP_L14_TEXT = dict(  # openai/clip-vit-large-patch14's text tower (CLIPTextMod
 
 
 def paper_presets(experiment: str | None = None) -> list[tuple[str, Preset]]:
-    """``(experiment, preset)`` for every paper preset of the three paper runners (or of ``experiment``)."""
-    import importlib
+    """``(experiment, preset)`` for every paper preset of the registry's experiments (or of ``experiment``); a preset
+    that several experiments share (the backbones table reuses Table 1's rows) is rehearsed once, under the first."""
+    from .registry import EXPERIMENTS
 
-    out = []
-    for name in EXPERIMENTS if experiment is None else (experiment,):
-        out += [(name, p) for p in importlib.import_module(f"experiments.{name}").PRESETS if p.scale == "paper"]
+    out, seen = [], set()
+    for name, exp in EXPERIMENTS.items():
+        if experiment in (None, name):
+            out += [(name, p) for p in exp.presets if p.scale == "paper" and p.name not in seen]
+            seen |= {p.name for p in exp.presets}
     return out
 
 
@@ -333,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.rehearse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", help="comma-separated paper preset names or fnmatch patterns (default: all)")
-    parser.add_argument("--experiment", choices=EXPERIMENTS, help="only this runner's paper presets")
+    from .registry import EXPERIMENTS
+
+    parser.add_argument("--experiment", choices=[n for n, e in EXPERIMENTS.items() if "paper" in e.scales],
+                        help="only this experiment's paper presets")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "rehearsal",
                         help="runs, logs, records and the table (default runs/rehearsal; never results/)")
     parser.add_argument("--stand-ins", action="store_true",
