@@ -34,9 +34,9 @@ def toy_package(root: Path, package: str) -> Path:
 
         from eval.tables import read_table_spec
         from experiments.presets import Preset
-        from experiments.unconditional import MINI, _with
+        from experiments.presets import MINI, merge
 
-        PRESETS = [Preset(f"mini-digits16-{m}", "mini", m, "digits16", _with(MINI, context={"enabled": True}))
+        PRESETS = [Preset(f"mini-digits16-{m}", "mini", m, "digits16", merge(MINI, context={"enabled": True}))
                    for m in ("variant-a", "variant-b")]
         TABLE = read_table_spec(Path(__file__).with_name("table.yaml"))
         '''))

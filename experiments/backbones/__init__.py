@@ -17,7 +17,8 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from ..presets import MINI, ldm4_config, merge
+from ..unconditional import PRESETS as UNCONDITIONAL
 from .autoencoder import AUTOENCODER, train_autoencoder
 
 _base = {p.name: p for p in UNCONDITIONAL}
@@ -29,12 +30,12 @@ def _relabel(name: str, benchmark: str) -> Preset:
     return p
 
 
-MINI_LATENT = _with(MINI, backbone="latent", model={"vae": str(AUTOENCODER.relative_to(AUTOENCODER.parents[1]))})
+MINI_LATENT = merge(MINI, backbone="latent", model={"vae": str(AUTOENCODER.relative_to(AUTOENCODER.parents[1]))})
 # The discrete loss weighted as VQ-Diffusion weights it (L_t / p(t), importance-sampled t, adaptive aux), the
 # cited backbone's; our earlier per-token mean made the context gradient 20x the point gradient and the discrete
 # ConPreDiff rows far worse (results/readings/README.md; those records are superseded). The discrete rows of this
 # table are the readings' vq-loss runs of the same configuration (its table.yaml's ``borrowed``).
-MINI_DISCRETE = _with(MINI, backbone="discrete", model={"token_levels": 8, "token_embed_dim": 32},
+MINI_DISCRETE = merge(MINI, backbone="discrete", model={"token_levels": 8, "token_embed_dim": 32},
                       diffusion={"num_train_timesteps": 100, "sampling_steps": 100, "discrete_loss": "vq_diffusion"})
 
 PRESETS = [
@@ -45,13 +46,13 @@ PRESETS = [
     Preset("mini-digits16-latent-baseline", "mini", "baseline", "latent", MINI_LATENT, prepare=train_autoencoder,
            expected_minutes=4.6),
     Preset("mini-digits16-latent-conprediff", "mini", "conprediff", "latent",
-           _with(MINI_LATENT, context={"enabled": True}), prepare=train_autoencoder, expected_minutes=5.6),
+           merge(MINI_LATENT, context={"enabled": True}), prepare=train_autoencoder, expected_minutes=5.6),
     Preset("mini-digits16-discrete-baseline", "mini", "baseline", "discrete", MINI_DISCRETE),
     Preset("mini-digits16-discrete-conprediff", "mini", "conprediff", "discrete",
-           _with(MINI_DISCRETE, context={"enabled": True})),
-    Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "latent", _paper("celebahq256", 410_000, 48)),
+           merge(MINI_DISCRETE, context={"enabled": True})),
+    Preset("paper-celebahq256-ldm4-baseline", "paper", "baseline", "latent", ldm4_config("celebahq256", 410_000, 48)),
     Preset("paper-celebahq256-conprediff", "paper", "conprediff", "latent",
-           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True})),
+           merge(ldm4_config("celebahq256", 410_000, 48), context={"enabled": True})),
 ]
 
 # Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).

@@ -17,14 +17,15 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from ..presets import MINI, ldm4_config, merge
+from ..unconditional import PRESETS as UNCONDITIONAL
 
 _base = {p.name: p for p in UNCONDITIONAL}
 
 
 def _variant(label: str, minutes: float, **context) -> Preset:
     """``minutes``: measured per seed on 2 idle CPU cores."""
-    cfg = _with(MINI, context={"enabled": True, **context})
+    cfg = merge(MINI, context={"enabled": True, **context})
     return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg, expected_minutes=minutes)
 
 
@@ -35,9 +36,9 @@ PRESETS = [
     _variant("sinkhorn", minutes=20.0, solver="sinkhorn"),  # seed 2 alone (1,199 s); seeds 0, 1 ran side by side
     _variant("sliced", minutes=10.2, solver="sliced"),  # mean of seeds 0 and 1 (623, 596 s; seed 2 was resumed)
     Preset("paper-celebahq256-explicit", "paper", "explicit", "celebahq256",
-           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "decoder": "explicit"}), num_samples=50_000),
+           merge(ldm4_config("celebahq256", 410_000, 48), context={"enabled": True, "decoder": "explicit"}), num_samples=50_000),
     Preset("paper-celebahq256-sinkhorn", "paper", "sinkhorn", "celebahq256",
-           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "solver": "sinkhorn"}), num_samples=50_000),
+           merge(ldm4_config("celebahq256", 410_000, 48), context={"enabled": True, "solver": "sinkhorn"}), num_samples=50_000),
 ]
 
 # Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).

@@ -22,7 +22,8 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import PAPER_PRECISION, PRESETS as UNCONDITIONAL, _with
+from ..presets import PAPER_PRECISION, merge
+from ..unconditional import PRESETS as UNCONDITIONAL
 
 _base = {p.name: p for p in UNCONDITIONAL}
 # eta 1: ancestral steps in the unknown region, as RePaint's p_sample (core.inpaint.ExactRePaintScheduler).
@@ -62,7 +63,7 @@ PRESETS = [
            paper="LPIPS RePaint: wide 0.059, narrow 0.028, sr2x 0.029, lines 0.009, half 0.165, expand 0.435",
            extra=dict(PAPER_REPAINT), num_samples=TEST_IMAGES),
     Preset("paper-celebahq256-pixel-conprediff", "paper", "conprediff", "celebahq256",
-           _with(_PAPER_PIXEL, context={"enabled": True}), paper="LPIPS 0.022 (mask column not confirmed)",
+           merge(_PAPER_PIXEL, context={"enabled": True}), paper="LPIPS 0.022 (mask column not confirmed)",
            extra=dict(PAPER_REPAINT), num_samples=TEST_IMAGES),
 ]
 

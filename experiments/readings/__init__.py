@@ -50,13 +50,13 @@ from eval.tables import read_table_spec
 from ..backbones import MINI_DISCRETE, MINI_LATENT
 from ..backbones.autoencoder import train_autoencoder
 from ..presets import Preset
-from ..unconditional import MINI, _with
+from ..presets import MINI, merge
 
-CONPREDIFF = _with(MINI, context={"enabled": True})
+CONPREDIFF = merge(MINI, context={"enabled": True})
 
 
 def _reading(label: str, **sections) -> Preset:
-    cfg = _with(CONPREDIFF, **{k: {**CONPREDIFF.get(k, {}), **v} for k, v in sections.items()})
+    cfg = merge(CONPREDIFF, **{k: {**CONPREDIFF.get(k, {}), **v} for k, v in sections.items()})
     return Preset(f"mini-digits16-conprediff-{label}", "mini", label, "digits16", cfg)
 
 
@@ -88,7 +88,7 @@ PRESETS = [
 
 # The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
 # backbones table's discrete ones (whose rows are these runs); they keep the names they were recorded under.
-VQ_LOSS = _with(MINI_DISCRETE)  # a copy: MINI_DISCRETE already sets diffusion.discrete_loss=vq_diffusion
+VQ_LOSS = merge(MINI_DISCRETE)  # a copy: MINI_DISCRETE already sets diffusion.discrete_loss=vq_diffusion
 # ‖∇θ λ L_context‖ / ‖∇θ L_point‖ on the backbone, median of 16 batches (python -m experiments.readings.grad_ratio,
 # results/readings/grad_ratio.jsonl): pixel UNet 0.41 at initialisation, 0.76 and 0.90 at steps 1,500 and 2,000
 # (seed 3); latent UNet 0.51 at initialisation, 2.15 at step 500 (seed 0, λ = 1). Matched to the pixel UNet's trained
@@ -99,12 +99,12 @@ LAMBDA_MATCHED = 0.4
 
 PRESETS += [
     Preset("mini-digits16-latent-conprediff-lambda-matched", "mini", "lambda-matched", "latent",
-           _with(MINI_LATENT, context={"enabled": True, "weight": LAMBDA_MATCHED}), prepare=train_autoencoder),
+           merge(MINI_LATENT, context={"enabled": True, "weight": LAMBDA_MATCHED}), prepare=train_autoencoder),
     Preset("mini-digits16-latent-conprediff-lambda-0.1", "mini", "lambda-0.1", "latent",
-           _with(MINI_LATENT, context={"enabled": True, "weight": 0.1}), prepare=train_autoencoder),
+           merge(MINI_LATENT, context={"enabled": True, "weight": 0.1}), prepare=train_autoencoder),
     Preset("mini-digits16-discrete-baseline-vq-loss", "mini", "baseline-vq-loss", "discrete", VQ_LOSS),
     Preset("mini-digits16-discrete-conprediff-vq-loss", "mini", "conprediff-vq-loss", "discrete",
-           _with(VQ_LOSS, context={"enabled": True})),
+           merge(VQ_LOSS, context={"enabled": True})),
 ]
 
 # Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).

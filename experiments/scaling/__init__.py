@@ -27,7 +27,7 @@ t-test of those slopes across seeds (H0: slope 0), with its 95% CI.
 from __future__ import annotations
 
 from ..presets import Preset
-from ..unconditional import MINI, _with
+from ..presets import MINI, merge
 
 # The primary protocol (ancestral DDPM, 250 steps, no x0 clipping) and DDIM-50 beside it.
 DDPM_250 = {"sampler": "ddpm", "sampling_steps": 250, "clip_sample": False}
@@ -47,7 +47,7 @@ def preset_name(width: int, steps: int, method: str) -> str:
 
 
 def _cell(width: int, steps: int, method: str, continues: str | None) -> Preset:
-    cfg = _with(MINI, model={"block_out_channels": WIDTHS[width]}, train={"steps": steps}, diffusion=DDPM_250,
+    cfg = merge(MINI, model={"block_out_channels": WIDTHS[width]}, train={"steps": steps}, diffusion=DDPM_250,
                 context={"enabled": method == "conprediff"})
     previous = STEPS[STEPS.index(steps) - 1] if continues else 0
     minutes = _TRAIN_MIN[method] * _WIDTH_COST[width] * (steps - previous) / 2000 + 8 * _WIDTH_COST[width]

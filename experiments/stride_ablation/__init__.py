@@ -15,19 +15,20 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with, estimated_minutes
+from ..presets import MINI, estimated_minutes, ldm4_config, merge
+from ..unconditional import PRESETS as UNCONDITIONAL
 
 _base = {p.name: p for p in UNCONDITIONAL}
 
 
 def _mini(label: str, strides: list[int], step_time_ratio: float, pattern: str = "dilated") -> Preset:
-    cfg = _with(MINI, context={"enabled": True, "strides": strides, "pattern": pattern})
+    cfg = merge(MINI, context={"enabled": True, "strides": strides, "pattern": pattern})
     return Preset(f"mini-digits16-{label}", "mini", label, "digits16", cfg, expected_minutes=estimated_minutes(step_time_ratio),
                   minutes_estimated=True)
 
 
 def _paper_row(label: str, strides: list[int]) -> Preset:
-    cfg = _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "strides": strides})
+    cfg = merge(ldm4_config("celebahq256", 410_000, 48), context={"enabled": True, "strides": strides})
     return Preset(f"paper-celebahq256-{label}", "paper", label, "celebahq256", cfg, num_samples=50_000)
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import MINI, PAPER_PRECISION, _with
+from ..presets import MINI, PAPER_PRECISION, merge
 
-MINI_T2I = _with(
+MINI_T2I = merge(
     MINI,
     model={"attention": [False, True, True], "cross_attention_dim": 384, "text_encoder": "minilm"},
     data={"caption_column": "caption"},
@@ -55,7 +55,7 @@ PAPER_T2I = {
 }
 COCO_PROMPTS = "data/coco2014val_30k.jsonl"  # {"caption": ...} per line, written by the COCO prepare step
 # Zero-shot training data [choice of the user: the paper names none]: any captioned image-text set.
-ZEROSHOT_T2I = _with(PAPER_T2I, data={"source": "data/text2image-train"})
+ZEROSHOT_T2I = merge(PAPER_T2I, data={"source": "data/text2image-train"})
 
 PRESETS = [
     # 21.6 min measured for one baseline seed on 2 idle CPU cores (results/tuning/t2i-pilot).
@@ -63,18 +63,18 @@ PRESETS = [
     # Estimated, not measured: its three runs shared the CPU. The baseline's 21.6 min plus the context
     # term's cost on the unconditional task (same 16x16 grid, batch and decoder: 11.7 - 9.9 = 1.8 min).
     Preset("mini-digits16-t2i-conprediff", "mini", "conprediff", "digits16-t2i",
-           _with(MINI_T2I, context={"enabled": True}), expected_minutes=23.4, minutes_estimated=True),
+           merge(MINI_T2I, context={"enabled": True}), expected_minutes=23.4, minutes_estimated=True),
     Preset("paper-zeroshot-coco256-ldm-kl8-baseline", "paper", "baseline", "coco256-zeroshot", ZEROSHOT_T2I,
            paper="FID-30K 12.63 (LDM-KL-8-G, as cited)", num_samples=30_000, extra={"prompts_file": COCO_PROMPTS}),
     Preset("paper-zeroshot-coco256-conprediff", "paper", "conprediff", "coco256-zeroshot",
-           _with(ZEROSHOT_T2I, context={"enabled": True}), paper="FID-30K 6.21", num_samples=30_000,
+           merge(ZEROSHOT_T2I, context={"enabled": True}), paper="FID-30K 6.21", num_samples=30_000,
            extra={"prompts_file": COCO_PROMPTS}),
     # Trained on COCO 2014 train: not zero-shot, so not comparable with 6.21 / 12.63; a row of its own.
     Preset("paper-coco256-ldm-kl8-baseline", "paper", "baseline", "coco256-cocotrain", PAPER_T2I,
            paper="n/a (COCO-trained; the paper's FID-30K numbers are zero-shot)", num_samples=30_000,
            extra={"prompts_file": COCO_PROMPTS}),
     Preset("paper-coco256-conprediff", "paper", "conprediff", "coco256-cocotrain",
-           _with(PAPER_T2I, context={"enabled": True}),
+           merge(PAPER_T2I, context={"enabled": True}),
            paper="n/a (COCO-trained; the paper's FID-30K numbers are zero-shot)", num_samples=30_000,
            extra={"prompts_file": COCO_PROMPTS}),
 ]

@@ -15,14 +15,15 @@ from pathlib import Path
 from eval.tables import read_table_spec
 
 from ..presets import Preset
-from ..unconditional import MINI, PRESETS as UNCONDITIONAL, _paper, _with
+from ..presets import MINI, ldm4_config, merge
+from ..unconditional import PRESETS as UNCONDITIONAL
 
 _base = {p.name: p for p in UNCONDITIONAL}
 
 
 def _mini(weight: float, minutes: float) -> Preset:
     label = f"lambda-{weight:g}"
-    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", _with(MINI, context={"enabled": True, "weight": weight}),
+    return Preset(f"mini-digits16-{label}", "mini", label, "digits16", merge(MINI, context={"enabled": True, "weight": weight}),
                   expected_minutes=minutes)
 
 
@@ -32,7 +33,7 @@ PRESETS = [
     _mini(0.01, 11.4),  # measured: 676, 693 s
     _base["mini-digits16-conprediff"],  # lambda = 1
     Preset("paper-celebahq256-lambda-0.1", "paper", "lambda-0.1", "celebahq256",
-           _with(_paper("celebahq256", 410_000, 48), context={"enabled": True, "weight": 0.1}), num_samples=50_000),
+           merge(ldm4_config("celebahq256", 410_000, 48), context={"enabled": True, "weight": 0.1}), num_samples=50_000),
 ]
 
 # Its table and figure, declared in table.yaml (eval.tables reads that file as data; see experiments.registry).
