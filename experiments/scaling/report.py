@@ -133,7 +133,8 @@ def render(records: list[dict], records_name: str) -> str:
                 if not base and not ctx:
                     lines.append(f"| {metric} {arrow} | {width} | {steps:,} | not run yet | | | | | |")
                     continue
-                c = compare(ctx, base) if base and ctx else None
+                shared = sorted(set(base) & set(ctx))  # the gap pairs seeds: only those both arms have
+                c = compare({k: ctx[k] for k in shared}, {k: base[k] for k in shared}) if shared else None
                 cell = lambda d: (f"{np.mean(list(d.values())):.4g} ± {np.std(list(d.values()), ddof=1):.2g}"  # noqa: E731
                                   if len(d) > 1 else (f"{next(iter(d.values())):.4g}" if d else "–"))
                 n = len(set(base) & set(ctx))
