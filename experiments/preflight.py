@@ -166,16 +166,22 @@ def check_preset(experiment: str, preset, cfg: RunConfig, paper: bool = True) ->
     return out + fid_missing(preset.benchmark, cfg)
 
 
+def missing_blocks(experiment: str, presets_and_configs: list[tuple], paper: bool = True) -> list[tuple[str, bool]]:
+    """Check every ``(preset, config)`` once; ``(report block, metric only)`` per missing input (deduplicated, in check
+    order), the block naming the presets that need it."""
+    seen: dict[str, tuple[list[str], bool]] = {}
+    for preset, cfg in presets_and_configs:
+        for missing in check_preset(experiment, preset, cfg, paper):
+            seen.setdefault(str(missing), ([], missing.metric))[0].append(preset.name)
+    return [(f"{text}\n    needed by: {', '.join(dict.fromkeys(names))}", metric)
+            for text, (names, metric) in seen.items()]
+
+
 def preflight(experiment: str, presets_and_configs: list[tuple], paper: bool = True, metrics: bool = True
               ) -> list[str]:
     """Check every ``(preset, config)``; returns one report line block per missing input (deduplicated).
     ``metrics=False``: inputs of metrics only are left out (``--allow-missing-metrics``)."""
-    seen: dict[str, list[str]] = {}
-    for preset, cfg in presets_and_configs:
-        for missing in check_preset(experiment, preset, cfg, paper):
-            if metrics or not missing.metric:
-                seen.setdefault(str(missing), []).append(preset.name)
-    return [f"{text}\n    needed by: {', '.join(dict.fromkeys(names))}" for text, names in seen.items()]
+    return [block for block, metric in missing_blocks(experiment, presets_and_configs, paper) if metrics or not metric]
 
 
 @staged("check")
@@ -187,10 +193,10 @@ def report(experiment: str, presets_and_configs: list[tuple], paper: bool = True
     will not be measured, and do not fail the check."""
     if not presets_and_configs:
         return True, "preflight: nothing to check (smoke runs use generated stand-ins for data and weights)."
-    missing = preflight(experiment, presets_and_configs, paper, metrics=not allow_missing_metrics)
+    blocks = missing_blocks(experiment, presets_and_configs, paper)  # one check: hub lookups can take seconds
+    missing = [block for block, metric in blocks if not (metric and allow_missing_metrics)]
+    skipped = sorted(block for block, metric in blocks if metric and allow_missing_metrics)
     names = ", ".join(p.name for p, _ in presets_and_configs)
-    skipped = sorted(set(preflight(experiment, presets_and_configs, paper)) - set(missing)) \
-        if allow_missing_metrics else []
     if not missing:
         return True, (f"preflight: every input of {names} is present" + (
             "." if not skipped else ", except these metrics' inputs (--allow-missing-metrics: those metrics are not "
