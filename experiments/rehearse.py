@@ -44,26 +44,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from core.runlog import read_provenance
 from eval.records import ROOT
 
 from .presets import Preset
-from .smoke import SMOKE
+from .smoke import SMOKE, make_fake_imagefolder, make_random_autoencoder
 
 STAGES = ("check", "latent_cache", "train", "checkpoint", "export", "sample", "metrics")
 PHASES = ("first", "resume", "again")
 
-# The released autoencoders' architectures (their diffusers config.json), for stand-ins with random weights.
-VQ_F4 = dict(  # CompVis/ldm-celebahq-256, subfolder vqvae: 256 px -> 64 x 64 x 3
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(128, 256, 512), layers_per_block=2,
-    latent_channels=3, num_vq_embeddings=8192, sample_size=256)
-KL_F8 = dict(  # CompVis/ldm-text2im-large-256, subfolder vqvae: 256 px -> 32 x 32 x 4
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=4, sample_size=256)
+# The released text tower's architecture (its transformers config.json), for a stand-in with random weights (the
+# autoencoders': experiments.smoke.VQ_F4 / KL_F8).
 CLIP_L14_TEXT = dict(  # openai/clip-vit-large-patch14's text tower (CLIPTextModel)
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
@@ -97,43 +89,6 @@ def choose(patterns: str | None, experiment: str | None) -> list[tuple[str, Pres
 
 
 # ---------------------------------------------------------------------------- stand-ins
-
-
-def stand_in_images(folder: Path, n_train: int, n_test: int, size: int, channels: int = 3) -> Path:
-    """``folder/{train,test}/`` of random ``size`` px PNGs with ``metadata.jsonl`` captions (the prepare step's layout)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        if (folder / split / "metadata.jsonl").exists() and len(list((folder / split).glob("*.png"))) >= n:
-            continue
-        (folder / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in range(n):
-            shape = (size, size, 3) if channels == 3 else (size, size)
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / split / f"{i:05d}.png")
-            lines.append(json.dumps({"file_name": f"{i:05d}.png", "caption": f"a photo of random pixels number {i}"}))
-        (folder / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def stand_in_autoencoder(folder: Path, kind: str, tiny: bool) -> Path:
-    """A random-weight autoencoder saved with ``save_pretrained``: ``kind`` "vq-f4" or "kl-f8" (the released
-    architectures :data:`VQ_F4`, :data:`KL_F8`; ``tiny``: two small blocks, same latent channels)."""
-    import torch
-    from diffusers import AutoencoderKL, VQModel
-
-    if (folder / "config.json").exists():
-        return folder
-    config = dict(VQ_F4 if kind == "vq-f4" else KL_F8)
-    if tiny:
-        config.update(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                      block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32)
-        if kind == "vq-f4":
-            config["num_vq_embeddings"] = 16
-    torch.manual_seed(0)
-    (VQModel if kind == "vq-f4" else AutoencoderKL)(**config).save_pretrained(folder)
-    return folder
 
 
 def stand_in_text_encoder(folder: Path, tiny: bool) -> Path:
@@ -172,7 +127,7 @@ def stand_in_overrides(experiment: str, preset: Preset, out: Path, args: argpars
     size = 32 if args.tiny else cfg.data.resolution
     folder = out / "stand-ins"
     n_test = max(args.num_samples, 1)
-    data = stand_in_images(folder / f"images-{size}", max(8, args.batch or 0), n_test, size, cfg.data.channels)
+    data = make_fake_imagefolder(folder / f"images-{size}", cfg.data.channels, max(8, args.batch or 0), n_test, size)
     sets, evals = [f"data.source={data}", "data.num_workers=0"], []
     if args.tiny:
         sets += [s for s in SMOKE if not s.startswith(("train.steps", "train.batch_size", "diffusion.sampling_steps",
@@ -180,7 +135,8 @@ def stand_in_overrides(experiment: str, preset: Preset, out: Path, args: argpars
         sets += [f"data.resolution={size}", "data.latent_cache=false"]
     if cfg.backbone == "latent":
         kind = autoencoder_kind(cfg)
-        sets += [f"model.vae={stand_in_autoencoder(folder / (kind + ('-tiny' if args.tiny else '')), kind, args.tiny)}",
+        vae = make_random_autoencoder(folder / (kind + ('-tiny' if args.tiny else '')), kind=kind, released=not args.tiny)
+        sets += [f"model.vae={vae}",
                  "model.vae_revision=null", "model.vae_subfolder=null"]
     if cfg.model.text_encoder:
         sets += [f"model.text_encoder={stand_in_text_encoder(folder / ('clip-text' + ('-tiny' if args.tiny else '')), args.tiny)}",

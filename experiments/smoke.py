@@ -45,32 +45,53 @@ def smoke_config(preset: Preset, seed: int, workdir: Path, overrides: list[str] 
                  "model.cross_attention_dim=384"]
     return RunConfig.from_dict(apply_overrides(d, over + list(overrides)))
 
-def make_fake_imagefolder(path: Path, channels: int, n: int = 16) -> Path:
-    """A tiny imagefolder of random PNGs with captions, ``train/`` and a held-out ``test/`` split as the prepare
-    step writes them (smoke tests only)."""
+VQ_F4 = dict(  # CompVis/ldm-celebahq-256, subfolder vqvae: 256 px -> 64 x 64 x 3
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(128, 256, 512), layers_per_block=2,
+    latent_channels=3, num_vq_embeddings=8192, sample_size=256)
+KL_F8 = dict(  # CompVis/ldm-text2im-large-256, subfolder vqvae: 256 px -> 32 x 32 x 4
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=4, sample_size=256)
+TINY_AUTOENCODER = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def make_fake_imagefolder(path: Path, channels: int, n: int = 16, n_test: int | None = None, size: int = 24) -> Path:
+    """``path/{train,test}/``: ``n`` (``n_test``, default ``n``) random ``size`` px PNGs per split with
+    ``metadata.jsonl`` captions, as the prepare step writes them (smoke runs, the rehearsal's stand-ins; measures
+    nothing). A split that already holds its metadata and enough images is kept."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        if (path / split / "metadata.jsonl").exists():
+    for split, count in (("train", n), ("test", n if n_test is None else n_test)):
+        if (path / split / "metadata.jsonl").exists() and len(list((path / split).glob("*.png"))) >= count:
             continue
         (path / split).mkdir(parents=True, exist_ok=True)
         lines = []
-        for i in range(n):
-            arr = rng.integers(0, 256, (24, 24, 3) if channels == 3 else (24, 24), dtype=np.uint8)
-            Image.fromarray(arr).save(path / split / f"{i:03d}.png")
-            lines.append(json.dumps({"file_name": f"{i:03d}.png", "caption": f"random {split} image {i}"}))
+        for i in range(count):
+            arr = rng.integers(0, 256, (size, size, 3) if channels == 3 else (size, size), dtype=np.uint8)
+            Image.fromarray(arr).save(path / split / f"{i:05d}.png")
+            lines.append(json.dumps({"file_name": f"{i:05d}.png", "caption": f"random {split} image {i}"}))
         (path / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return path
 
-def make_random_autoencoder(path: Path, channels: int) -> Path:
-    """A randomly initialised tiny AutoencoderKL (smoke tests only; measures nothing)."""
-    from diffusers import AutoencoderKL
 
+def make_random_autoencoder(path: Path, channels: int = 3, kind: str = "kl-f8", released: bool = False) -> Path:
+    """A randomly initialised autoencoder saved with ``save_pretrained`` (measures nothing): ``kind`` "kl-f8"
+    (``AutoencoderKL``) or "vq-f4" (``VQModel``); ``released``: the released architecture (:data:`KL_F8`,
+    :data:`VQ_F4`, 3 channels), else two small blocks (:data:`TINY_AUTOENCODER`) with the same latent channels and
+    ``channels`` image channels. Kept when ``path`` already holds one."""
+    from diffusers import AutoencoderKL, VQModel
+
+    if kind not in ("kl-f8", "vq-f4"):
+        raise ValueError(f"kind={kind!r}: 'kl-f8' or 'vq-f4'")
     if not (path / "config.json").exists():
+        config = dict(VQ_F4 if kind == "vq-f4" else KL_F8)
+        if not released:
+            config.update(TINY_AUTOENCODER, in_channels=channels, out_channels=channels, sample_size=32)
+            if kind == "vq-f4":
+                config["num_vq_embeddings"] = 16
         torch.manual_seed(0)
-        AutoencoderKL(
-            in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        ).save_pretrained(path)
+        (VQModel if kind == "vq-f4" else AutoencoderKL)(**config).save_pretrained(path)
     return path

@@ -58,9 +58,9 @@ def test_preflight_lets_missing_metric_inputs_pass_only_when_allowed(tmp_path):
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "train" / "0.png")
     vae = tmp_path / "vae"
-    from experiments.rehearse import stand_in_autoencoder
+    from experiments.smoke import make_random_autoencoder
 
-    stand_in_autoencoder(vae, "vq-f4", tiny=True)
+    make_random_autoencoder(vae, kind="vq-f4")
     d = cfg.to_dict()
     d["data"]["source"], d["model"]["vae"], d["model"]["vae_revision"], d["model"]["vae_subfolder"] = \
         str(data), str(vae), None, None
