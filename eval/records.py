@@ -190,6 +190,43 @@ def supersede(note: str, path: str | Path = RECORDS, **where) -> int:
     return rewrite_jsonl(path, mark)
 
 
+def merge(source: str | Path, path: str | Path = RECORDS) -> tuple[int, int]:
+    """Append to ``path`` the records of ``source`` (another machine's or a cluster job's records file) that it lacks;
+    returns ``(appended, skipped)``.
+
+    Skipped: a record already in ``path``, current or since superseded (the same measurement: equal in every field
+    but ``superseded``), and one whose measurement ``path`` holds current (:func:`record_identity`, as
+    :func:`append_record` skips it). A record superseded in ``source`` alone is appended as it is (it counts nowhere). Refused before anything is written, with :class:`OtherModelError`: a record of
+    another trained model than the one ``path``'s current records of that preset, seed and scale measured
+    (:func:`check_same_model`; e.g. the same grid cell retrained on a GPU). A damaged ``source`` raises
+    :class:`RecordError` naming its line."""
+    path = Path(path)
+    incoming, held = load_records(source), load_records(path) if path.exists() else []
+    seen = {json.dumps({k: v for k, v in r.items() if k != "superseded"}, sort_keys=True) for r in held}
+    current = {record_identity(r) for r in held if not r.get("superseded")}
+    new: list[dict] = []
+    history: list[dict] = []  # superseded in source only: kept as they are (they count nowhere)
+    for rec in incoming:
+        if json.dumps({k: v for k, v in rec.items() if k != "superseded"}, sort_keys=True) in seen:
+            continue
+        if rec.get("superseded"):
+            history.append(rec)
+            continue
+        if record_identity(rec) in current:
+            continue
+        model = {k: rec[k] for k in MODEL_FIELDS if k in rec}
+        if "train_config_sha256" not in rec:  # a legacy record stands for its preset's own config
+            model = {"overrides": {}}
+        check_same_model(held + new, model, path, preset=rec["preset"], seed=rec["seed"], scale=rec["scale"])
+        current.add(record_identity(rec))
+        new.append(rec)
+    for rec in history:
+        append_jsonl(path, rec)
+    for rec in new:
+        append_record(rec, path)
+    return len(new) + len(history), len(incoming) - len(new) - len(history)
+
+
 def load_records(path: str | Path = RECORDS) -> list[dict]:
     """Every record in ``path``; a damaged line or a record missing a required field raises :class:`RecordError`
     naming the file and line. A partial last line (an interrupted append) is dropped with a warning."""
@@ -210,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="Mark records superseded (they stay in the file and in their own "
-                                 "table blocks; figures and verdicts leave them out).")
+                                 "table blocks; figures and verdicts leave them out), or merge another records file.")
     sub = ap.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("supersede", help="python -m eval.records supersede --where experiment=inpainting "
                         "--where sampler=repaint-50-j5-r5-noclip --note 'why, and what replaced them'")
@@ -218,7 +255,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="match records whose FIELD equals VALUE (JSON, else a string); repeatable, all must match")
     sp.add_argument("--note", required=True)
     sp.add_argument("--records", type=Path, default=RECORDS)
+    mp = sub.add_parser("merge", help="python -m eval.records merge other/records.jsonl: append the records it holds "
+                        "that --records lacks (another trained model of a preset and seed is refused, nothing written)")
+    mp.add_argument("source", type=Path)
+    mp.add_argument("--records", type=Path, default=RECORDS)
     args = ap.parse_args(argv)
+    if args.command == "merge":
+        try:
+            appended, skipped = merge(args.source, args.records)
+        except RecordError as e:
+            ap.exit(2, f"error: {e}\n")
+        print(f"{appended} record(s) appended to {args.records}, {skipped} already there (or superseded in "
+              f"{args.source})")
+        return
     where = {}
     for item in args.where:
         key, sep, value = item.partition("=")

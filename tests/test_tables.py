@@ -324,3 +324,41 @@ def test_records_name_their_device_and_commit_outside_a_checkout(tmp_path, monke
     assert len(git_commit().removesuffix("-dirty")) == 40
     monkeypatch.setenv("CONPREDIFF_GIT_COMMIT", "abc123")  # a copy of the tree on a lent GPU machine
     assert git_commit(tmp_path) == git_commit() == "abc123"
+
+
+def test_merge_appends_only_what_the_records_file_lacks_and_refuses_another_model(tmp_path):
+    """Merging a copy of the records made before some were superseded re-appended them as current (append_record
+    only compares with current records); a record of another trained model of the same preset, seed and scale is
+    refused with nothing written."""
+    import json
+
+    from eval.records import OtherModelError, load_records, merge, supersede
+
+    def rec(seed, metric, value, weights="w0", **extra):
+        return {"experiment": "scaling", "benchmark": "digits16/c32", "method": "baseline", "scale": "mini",
+                "preset": "mini-p", "seed": seed, "metric": metric, "value": value, "n_samples": 1000,
+                "checkpoint": 2000, "ema": True, "sampler": "ddpm-250-noclip", "reference": "r", "backend": "b",
+                "git_commit": "c", "time": "t", "train_config_sha256": "cfg", "weights_sha256": weights,
+                "overrides": {}, **extra}
+
+    dest, source = tmp_path / "records.jsonl", tmp_path / "grid.jsonl"
+    old = [rec(0, "fd_digits", 1.0), rec(0, "kid_digits", 0.1)]
+    dest.write_text("".join(json.dumps(r) + "\n" for r in old))
+    source.write_text(dest.read_text())  # the grid started from a copy
+    supersede("re-measured", dest, metric="kid_digits")
+    fresh = [rec(1, "fd_digits", 2.0, weights="w1"), rec(2, "fd_digits", 3.0, weights="w2")]
+    with source.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in fresh))
+    assert merge(source, dest) == (2, 2)
+    held = load_records(dest)
+    assert [(r["seed"], r["metric"], bool(r.get("superseded"))) for r in held] == [
+        (0, "fd_digits", False), (0, "kid_digits", True), (1, "fd_digits", False), (2, "fd_digits", False)]
+    assert merge(source, dest) == (0, 4)  # idempotent
+
+    before = dest.read_bytes()
+    other = tmp_path / "gpu.jsonl"  # seed 1 retrained elsewhere, and a new seed: nothing is written
+    other.write_text(json.dumps(rec(3, "fd_digits", 4.0, weights="w3")) + "\n"
+                     + json.dumps(rec(1, "kid_digits", 0.2, weights="gpu")) + "\n")
+    with pytest.raises(OtherModelError, match="seed=1"):
+        merge(other, dest)
+    assert dest.read_bytes() == before
