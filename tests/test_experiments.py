@@ -15,10 +15,15 @@ EXPERIMENTS = [name for name, e in REGISTRY.items() if e.smoke_in_ci]  # scaling
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_help_lists_presets_with_paper_numbers(experiment):
-    out = subprocess.run([sys.executable, "-m", f"experiments.{experiment}", "--help"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, check=True).stdout
-    assert "presets:" in out and "paper:" in out and "--scale" in out
+def test_help_lists_presets_with_paper_numbers(experiment, capsys, monkeypatch):
+    """``python -m experiments.<x> --help``, in this process (a subprocess per experiment cost 10 s of imports each)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"experiments.{experiment}", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"experiments.{experiment}", run_name="__main__", alter_sys=False)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "presets:" in out and "paper:" in out and "--scale" in out
 
 
 @pytest.fixture(scope="module")
