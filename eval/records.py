@@ -196,18 +196,22 @@ def merge(source: str | Path, path: str | Path = RECORDS) -> tuple[int, int]:
 
     Skipped: a record already in ``path``, current or since superseded (the same measurement: equal in every field
     but ``superseded``), and one whose measurement ``path`` holds current (:func:`record_identity`, as
-    :func:`append_record` skips it). A record superseded in ``source`` alone is appended as it is (it counts nowhere). Refused before anything is written, with :class:`OtherModelError`: a record of
-    another trained model than the one ``path``'s current records of that preset, seed and scale measured
-    (:func:`check_same_model`; e.g. the same grid cell retrained on a GPU). A damaged ``source`` raises
-    :class:`RecordError` naming its line."""
+    :func:`append_record` skips it). A record superseded in ``source`` alone is appended as it is (it counts
+    nowhere). Refused before anything is written, with :class:`OtherModelError`: a record of another trained model
+    than the one ``path``'s current records of that preset, seed and scale measured (:func:`check_same_model`; e.g.
+    the same grid cell retrained on a GPU). A damaged ``source`` raises :class:`RecordError` naming its line."""
     path = Path(path)
     incoming, held = load_records(source), load_records(path) if path.exists() else []
-    seen = {json.dumps({k: v for k, v in r.items() if k != "superseded"}, sort_keys=True) for r in held}
+
+    def measurement(r: dict) -> str:  # the record whatever became of it since
+        return json.dumps({k: v for k, v in r.items() if k != "superseded"}, sort_keys=True)
+
+    seen = {measurement(r) for r in held}
     current = {record_identity(r) for r in held if not r.get("superseded")}
     new: list[dict] = []
     history: list[dict] = []  # superseded in source only: kept as they are (they count nowhere)
     for rec in incoming:
-        if json.dumps({k: v for k, v in rec.items() if k != "superseded"}, sort_keys=True) in seen:
+        if measurement(rec) in seen:
             continue
         if rec.get("superseded"):
             history.append(rec)

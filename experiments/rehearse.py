@@ -44,7 +44,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from core.runlog import read_provenance
 from eval.records import ROOT
 

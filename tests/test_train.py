@@ -72,12 +72,13 @@ def test_a_finished_exported_run_loads_nothing_and_a_missing_export_is_written_a
     import shutil
 
     import core.train as train_module
+    from core.config import load_yaml
     from core.runlog import read_provenance
 
     run_dir, overrides = straight
     copy = tmp_path / "again"
     shutil.copytree(run_dir, copy)
-    cfg = RunConfig.from_dict(yaml_config(copy))
+    cfg = RunConfig.from_dict(load_yaml((copy / "config.yaml").read_text()))
     export = {f.relative_to(copy): f.read_bytes() for f in (copy / "pipeline").rglob("*") if f.is_file()}
 
     def refuse(*args, **kwargs):
@@ -98,12 +99,6 @@ def test_a_finished_exported_run_loads_nothing_and_a_missing_export_is_written_a
     assert read_provenance(copy / "pipeline")["checkpoint"] == 6
     assert load_file(copy / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").keys() == load_file(
         run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").keys()
-
-
-def yaml_config(run_dir):
-    import yaml
-
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def test_export_is_a_stock_pipeline_with_baseline_parameter_count(straight):
