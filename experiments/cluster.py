@@ -300,15 +300,16 @@ STOP_GRACE_S = 75
 
 def run_finished(experiment: str, preset: str, seed: int, scale: str, run_dir: Path, records: list[dict]) -> bool:
     """The run is complete: its export holds the configured final step and a current record of (experiment, preset,
-    seed, scale) measured that export (its weights hash; a record older than weights hashes counts too)."""
+    seed, scale) measured that export (its weights hash; a record older than weights hashes counts too). An export
+    without its weights (``unet/``) is no export (:func:`core.train.exported_checkpoint`)."""
     from core.runlog import read_provenance
+    from core.train import exported_checkpoint
     from eval.records import current_match
 
-    steps = configured_steps(run_dir)
-    prov = read_provenance(run_dir / "pipeline") or {}
-    exported = prov.get("checkpoint")
+    steps, exported = configured_steps(run_dir), exported_checkpoint(run_dir / "pipeline")
     if steps is None or exported is None or exported < steps:
         return False
+    prov = read_provenance(run_dir / "pipeline") or {}
     key = dict(experiment=experiment, preset=preset, seed=seed, scale=scale, checkpoint=exported)
     # a record of this export's weights, or one older than weights hashes (it stands for the preset's own config)
     return any(current_match(r, **key) and r.get("weights_sha256") in (None, prov.get("sha256")) for r in records)

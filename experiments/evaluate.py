@@ -159,3 +159,30 @@ def check_trained_models(experiment: str, tasks: list[tuple[Preset, int]], confi
         model = {"train_config_sha256": training_config_sha256(configs[preset.name, seed]),
                  "overrides": overrides[preset.name, seed]}
         check_same_model(existing, model, records, experiment=experiment, preset=preset.name, seed=seed, scale=scale)
+
+def measured_models_gone(experiment: str, tasks: list[tuple[Preset, int]], configs: dict, scale: str, records: Path,
+                         runs_dir: Path) -> dict[tuple[str, int], str]:
+    """Before any compute: the (preset, seed) runs of this command whose final step is already measured by current
+    records while their run folder holds neither an export nor a checkpoint of that step (deleted, moved, or a fresh
+    machine): ``{(preset, seed): why}``, one line each saying what to do. Training such a run again draws another
+    model (bit-identical only on a deterministic CPU run), which those records would refuse after the whole training
+    (:func:`check_records`), so the runner skips it instead (to draw it again: supersede the records)."""
+    from core.train import exported_checkpoint, list_checkpoints
+
+    from .cluster import run_dir_for
+
+    existing, gone = load_records(records), {}
+    for preset, seed in tasks:
+        steps = configs[preset.name, seed].train.steps
+        key = dict(experiment=experiment, preset=preset.name, seed=seed, scale=scale, checkpoint=steps)
+        samplers = sorted({r["sampler"] for r in existing if recorded([r], **key)})
+        run_dir = run_dir_for(runs_dir, scale, preset.name, seed)
+        if not samplers or exported_checkpoint(run_dir / "pipeline") == steps or steps in dict(list_checkpoints(run_dir)):
+            continue
+        gone[preset.name, seed] = (
+            f"{preset.name} seed {seed}: skipped, its step {steps:,} is measured in {records} ({', '.join(samplers)}) "
+            f"but {run_dir} holds no export or checkpoint of that step: training again would draw another model, "
+            f"which those records refuse. Restore the run folder, or to draw it again: python -m eval.records "
+            f"supersede --records {records} --where experiment={experiment} --where preset={preset.name} "
+            f"--where seed={seed} --where scale={scale} --note 'why, and what replaced them'")
+    return gone

@@ -37,7 +37,7 @@ from core.runlog import RunLock, run_name
 from core.train import recorded_shared, training_overrides
 from eval.records import RECORDS, ROOT, SCALES, RecordError, cpu_cores
 
-from .evaluate import check_trained_models, evaluate_unconditional
+from .evaluate import check_trained_models, evaluate_unconditional, measured_models_gone
 from .presets import Preset, run_config, sampler_configs, with_eval_options
 from .runs import keep_artifacts, train_run
 
@@ -253,6 +253,11 @@ def main(
         check_trained_models(experiment, tasks, configs, overrides, args.scale, records)
     except RecordError as e:
         parser.error(str(e))
+    # measured runs whose model is gone: skipped before any compute, not retrained to be refused after training
+    gone = measured_models_gone(experiment, tasks, configs, args.scale, records, args.runs_dir)
+    for why in gone.values() if int(os.environ.get("RANK", "0")) == 0 else ():
+        print(f"== {experiment} / {why}", flush=True)
+    tasks = [(p, s) for p, s in tasks if (p.name, s) not in gone]
     if args.scale != "smoke":  # sample counts every metric can use, before any training
         from eval.metrics import check_num_samples
 

@@ -293,7 +293,10 @@ def test_superseded_records_do_not_count_as_measured(tmp_path):
     (run / "pipeline").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 4}}))
     (run / "pipeline" / "provenance.json").write_text(json.dumps({"checkpoint": 4}))
+    done = [{k: v for k, v in old.items() if k != "superseded"}]
+    assert not run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run,
+                            records=done)  # provenance without the weights it describes: no export, not finished
+    (run / "pipeline" / "unet").mkdir()
     assert not run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run,
                             records=[old])
-    assert run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run,
-                        records=[{k: v for k, v in old.items() if k != "superseded"}])
+    assert run_finished(**{k: key[k] for k in ("experiment", "preset", "seed", "scale")}, run_dir=run, records=done)

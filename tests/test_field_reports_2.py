@@ -106,6 +106,28 @@ def test_a_retrained_draw_of_the_same_config_is_refused_at_evaluation(first_mode
         evaluate_unconditional("unconditional", preset, cfg, run, "mini", 8, r1 / "rec.jsonl", step_time=False)
 
 
+def test_a_measured_run_whose_folder_is_gone_is_skipped_not_retrained(first_model, tmp_path):
+    """Re-running a grid on a machine without the run folders (a fresh checkout, a deleted runs/) used to train the
+    run again, then stop at evaluation: the new draw's weights are not the ones its records measured (on a GPU, never
+    bit-identical). Now the runner says so before any compute and skips it; with the folder present it resumes."""
+    import shutil
+
+    r1, argv = first_model
+    shutil.copy(r1 / "rec.jsonl", tmp_path / "rec.jsonl")
+    before = (tmp_path / "rec.jsonl").read_text()
+    moved = [str(tmp_path / "runs") if a == str(r1) else str(tmp_path / "rec.jsonl") if a == str(r1 / "rec.jsonl")
+             else a for a in argv]
+    t0 = time.time()
+    proc = runner(*moved, timeout=120)
+    assert "seed 0: skipped" in proc.stdout and "holds no export or checkpoint" in proc.stdout
+    assert "supersede" in proc.stdout and "--where preset=mini-digits16-baseline" in proc.stdout
+    assert not (tmp_path / "runs" / "mini-digits16-baseline-s0" / "checkpoints").exists(), "it trained"
+    assert time.time() - t0 < 60
+    assert (tmp_path / "rec.jsonl").read_text() == before
+    shutil.copytree(r1 / "mini-digits16-baseline-s0", tmp_path / "runs" / "mini-digits16-baseline-s0")
+    assert "skipped" not in runner(*moved, timeout=120).stdout  # its folder back: an ordinary finished run
+
+
 def test_legacy_records_stand_for_the_preset_config():
     """Records older than the model fields measured their preset's own config."""
     from eval.records import check_same_model, recorded, same_model
