@@ -119,3 +119,31 @@ def test_the_committed_scaling_table_is_regenerated_from_the_committed_records(t
         pytest.skip("no scaling records committed yet (tables/scaling.md is written when they are)")
     table, _ = write(RECORDS, tmp_path)
     assert table.read_text() == committed.read_text(), "run python -m experiments.scaling.report"
+
+
+def test_the_table_says_whether_a_continued_run_continues_the_recorded_one(tmp_path):
+    """A 5,000-step run whose 2,000-step run was retrained (its folder gone) continues the recorded run only if the
+    retrain repeats it: the table compares the two logged loss curves up to 2,000 steps."""
+    import json
+
+    from experiments.scaling import preset_name
+    from experiments.scaling.report import continuations, write
+
+    curves = tmp_path / "results" / "curves" / "scaling"
+    curves.mkdir(parents=True)
+    loss = {k: 1.0 / k for k in range(50, 2001, 50)}
+
+    def curve(name: str, seed: int, rows: dict) -> None:
+        (curves / f"{name}-s{seed}.jsonl").write_text("".join(json.dumps({"step": k, "loss": v}) + "\n"
+                                                              for k, v in rows.items()))
+
+    for seed, factor in ((0, 1.0), (1, 1 + 3e-7), (2, 1.5)):  # the same run, float rounding, another draw
+        curve(preset_name(32, 2000, "baseline"), seed, loss)
+        curve(preset_name(32, 5000, "baseline"), seed, {**{k: v * factor for k, v in loss.items()}, 2050: 9.0})
+    curve(preset_name(32, 12500, "baseline"), 3, loss)  # its 5,000-step run is not here: not compared
+    got = {c.seed: c for c in continuations(curves)}
+    assert set(got) == {0, 1, 2} and all(c.compared == 40 and c.shorter == 2000 for c in got.values())
+    assert got[0].max_rel_diff == 0 and got[1].max_rel_diff == pytest.approx(3e-7) and got[2].max_rel_diff == pytest.approx(0.5)
+    (tmp_path / "records.jsonl").write_text("")
+    table, _ = write(tmp_path / "records.jsonl", tmp_path)
+    assert "| baseline | 1 | 5,000 | 2,000 | 40 | 3e-07 |" in table.read_text()

@@ -95,11 +95,51 @@ def gaps_along(v: dict, sampler: str, metric: str, axis: str, params: dict[int, 
     return out
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A longer run's training curve against the recorded shorter run it continues, over the shorter run's logged
+    steps: how many steps both logged, and the largest relative difference of the logged loss."""
+
+    method: str
+    seed: int
+    steps: int
+    shorter: int
+    compared: int
+    max_rel_diff: float
+
+
+def continuations(curves: Path) -> list[Continuation]:
+    """Each continued run of the length axis whose curve and its shorter run's curve are both in ``curves``
+    (``<records home>/results/curves/scaling/<run>.jsonl``, kept by the runner). A longer run's ``stats.jsonl`` starts
+    with the rows of the run it continued (:func:`experiments.runs.continue_from`); when that run was retrained (its
+    folder gone: another machine or session), this says whether the retrain is the recorded run: 0 is bit for bit,
+    ~1e-7 the same draws up to float rounding, anything large another draw."""
+    from core.runlog import read_jsonl
+
+    from . import preset_name
+
+    out = []
+    for shorter, longer in zip(STEPS, STEPS[1:]):
+        for method in ("baseline", "conprediff"):
+            for path in sorted(curves.glob(f"{preset_name(32, longer, method)}-s*.jsonl")):
+                seed = int(path.stem.rsplit("-s", 1)[1])
+                short = curves / f"{preset_name(32, shorter, method)}-s{seed}.jsonl"
+                if not short.exists():
+                    continue
+                a = {r["step"]: r["loss"] for r in read_jsonl(short)}
+                b = {r["step"]: r["loss"] for r in read_jsonl(path) if r["step"] <= shorter}
+                both = sorted(set(a) & set(b))
+                rel = max((abs(b[k] - a[k]) / abs(a[k]) for k in both), default=math.nan)
+                out.append(Continuation(method, seed, longer, shorter, len(both), rel))
+    return out
+
+
 def fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def render(records: list[dict], records_name: str) -> str:
+def render(records: list[dict], records_name: str, curves: Path | None = None) -> str:
+    """The table's text; ``curves``: the folder of the runs' training curves (for :func:`continuations`)."""
     from eval.tables import compare, holm
 
     v = values(records)
@@ -121,6 +161,17 @@ def render(records: list[dict], records_name: str) -> str:
         "UNet parameters: " + ", ".join(f"width {w} ({', '.join(map(str, WIDTHS[w]))}): {params[w]:,}" for w in WIDTHS),
         "",
     ]
+    cont = continuations(curves) if curves is not None and curves.is_dir() else []
+    if cont:
+        lines += ["Each continued run against the recorded shorter run of its arm and seed (their logged training loss, "
+                  "every 50 steps up to the shorter budget): 0 is the same run bit for bit; ~1e-7 the same data and "
+                  "noise draws up to float rounding (the shorter run retrained on another day, its first run's folder "
+                  "gone); anything large another draw.", "",
+                  "| arm | seed | steps | continues | steps compared | max relative loss difference |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c.method} | {c.seed} | {c.steps:,} | {c.shorter:,} | {c.compared} | {c.max_rel_diff:.2g} |"
+                  for c in cont]
+        lines.append("")
     for sampler in (PRIMARY, SECONDARY):
         lines += [f"## {sampler}{' (primary)' if sampler == PRIMARY else ''}", "",
                   "| metric | width | steps | baseline | ConPreDiff | gap [95% CI] | gap / baseline | p (paired) | n |",
@@ -216,7 +267,8 @@ def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
     shown = records_path.resolve().relative_to(ROOT) if records_path.resolve().is_relative_to(ROOT) else records_path
     table = out_dir / "tables" / TABLE
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(render(records, str(shown)))
+    home = ROOT if records_path.resolve() == RECORDS.resolve() else records_path.parent  # where the runner keeps curves
+    table.write_text(render(records, str(shown), home / "results" / "curves" / "scaling"))
     return [table, figure(records, out_dir / "figures" / FIGURE)]
 
 
