@@ -161,28 +161,44 @@ def check_trained_models(experiment: str, tasks: list[tuple[Preset, int]], confi
         check_same_model(existing, model, records, experiment=experiment, preset=preset.name, seed=seed, scale=scale)
 
 def measured_models_gone(experiment: str, tasks: list[tuple[Preset, int]], configs: dict, scale: str, records: Path,
-                         runs_dir: Path) -> dict[tuple[str, int], str]:
-    """Before any compute: the (preset, seed) runs of this command whose final step is already measured by current
-    records while their run folder holds neither an export nor a checkpoint of that step (deleted, moved, or a fresh
-    machine): ``{(preset, seed): why}``, one line each saying what to do. Training such a run again draws another
-    model (bit-identical only on a deterministic CPU run), which those records would refuse after the whole training
-    (:func:`check_records`), so the runner skips it instead (to draw it again: supersede the records)."""
+                         runs_dir: Path, source_steps: dict[str, int] | None = None) -> tuple[dict, list[str]]:
+    """Before any compute, the runs of this command whose model is measured by current records of ``records`` at
+    its final step while its run folder holds neither an export nor a checkpoint of that step (deleted, moved, or a
+    fresh machine). Training such a run again draws another model (bit-identical only on a deterministic CPU run),
+    which those records would refuse after the whole training (:func:`check_records`).
+
+    Returns ``({(preset, seed): why}, notes)``: the runs to skip, one line each saying what to do (restore the folder,
+    or supersede the records to draw it again); and a line for each run that ``continues`` a shorter run so measured
+    and gone, which is trained again first (``source_steps``: the final step of each continued preset), so that the
+    longer run continues a retrain of the measured one (:func:`experiments.scaling.report.continuations` says how
+    close)."""
     from core.train import exported_checkpoint, list_checkpoints
 
     from .cluster import run_dir_for
 
-    existing, gone = load_records(records), {}
+    existing = load_records(records)
+
+    def gone(preset: str, seed: int, steps: int) -> tuple[list[str], Path] | None:
+        key = dict(experiment=experiment, preset=preset, seed=seed, scale=scale, checkpoint=steps)
+        samplers = sorted({r["sampler"] for r in existing if recorded([r], **key)})
+        run_dir = run_dir_for(runs_dir, scale, preset, seed)
+        if not samplers or exported_checkpoint(run_dir / "pipeline") == steps or steps in dict(list_checkpoints(run_dir)):
+            return None
+        return samplers, run_dir
+
+    skip, notes = {}, []
     for preset, seed in tasks:
         steps = configs[preset.name, seed].train.steps
-        key = dict(experiment=experiment, preset=preset.name, seed=seed, scale=scale, checkpoint=steps)
-        samplers = sorted({r["sampler"] for r in existing if recorded([r], **key)})
-        run_dir = run_dir_for(runs_dir, scale, preset.name, seed)
-        if not samplers or exported_checkpoint(run_dir / "pipeline") == steps or steps in dict(list_checkpoints(run_dir)):
-            continue
-        gone[preset.name, seed] = (
-            f"{preset.name} seed {seed}: skipped, its step {steps:,} is measured in {records} ({', '.join(samplers)}) "
-            f"but {run_dir} holds no export or checkpoint of that step: training again would draw another model, "
-            f"which those records refuse. Restore the run folder, or to draw it again: python -m eval.records "
-            f"supersede --records {records} --where experiment={experiment} --where preset={preset.name} "
-            f"--where seed={seed} --where scale={scale} --note 'why, and what replaced them'")
-    return gone
+        if found := gone(preset.name, seed, steps):
+            samplers, run_dir = found
+            skip[preset.name, seed] = (
+                f"{preset.name} seed {seed}: skipped, its step {steps:,} is measured in {records} "
+                f"({', '.join(samplers)}) but {run_dir} holds no export or checkpoint of that step: training again "
+                f"would draw another model, which those records refuse. Restore the run folder, or to draw it again: "
+                f"python -m eval.records supersede --records {records} --where experiment={experiment} --where "
+                f"preset={preset.name} --where seed={seed} --where scale={scale} --note 'why, and what replaced them'")
+        elif preset.continues and (source := gone(preset.continues, seed, (source_steps or {})[preset.continues])):
+            notes.append(f"{preset.name} seed {seed}: continues {preset.continues} seed {seed}, measured in {records} "
+                         f"but gone from {source[1]}: trained again first (the same seed and draws; bit-identical "
+                         f"only on a deterministic CPU run, so this run may continue another draw of it)")
+    return skip, notes

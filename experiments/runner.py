@@ -254,8 +254,10 @@ def main(
     except RecordError as e:
         parser.error(str(e))
     # measured runs whose model is gone: skipped before any compute, not retrained to be refused after training
-    gone = measured_models_gone(experiment, tasks, configs, args.scale, records, args.runs_dir)
-    for why in gone.values() if int(os.environ.get("RANK", "0")) == 0 else ():
+    everyone = {p.name: p for p in presets}
+    gone, notes = measured_models_gone(experiment, tasks, configs, args.scale, records, args.runs_dir, {
+        p.continues: run_config(everyone[p.continues], s, args).train.steps for p, s in tasks if p.continues})
+    for why in [*gone.values(), *notes] if int(os.environ.get("RANK", "0")) == 0 else ():
         print(f"== {experiment} / {why}", flush=True)
     tasks = [(p, s) for p, s in tasks if (p.name, s) not in gone]
     if args.scale != "smoke":  # sample counts every metric can use, before any training

@@ -147,3 +147,33 @@ def test_the_table_says_whether_a_continued_run_continues_the_recorded_one(tmp_p
     (tmp_path / "records.jsonl").write_text("")
     table, _ = write(tmp_path / "records.jsonl", tmp_path)
     assert "| baseline | 1 | 5,000 | 2,000 | 40 | 3e-07 |" in table.read_text()
+
+
+def test_a_continued_run_says_when_the_run_it_continues_is_retrained(tmp_path):
+    """Measured and gone: a 5,000-step run is skipped; one whose 2,000-step source is measured and gone is trained
+    (after its source) with a line saying so; a folder holding the step's checkpoint counts as present."""
+    import json
+
+    from experiments.evaluate import measured_models_gone
+    from experiments.scaling import PRESETS, preset_name
+
+    by_name = {p.name: p for p in PRESETS}
+    short, longer = by_name[preset_name(32, 2000, "baseline")], by_name[preset_name(32, 5000, "baseline")]
+    rec = dict(experiment="scaling", scale="mini", sampler="ddpm-250-noclip", metric="fd_digits", value=1.0,
+               benchmark="digits16/c32", method="baseline", n_samples=1000, ema=True, reference="r", backend="b",
+               git_commit="x", time="t")
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(dict(rec, preset=p.name, seed=s, checkpoint=p.extra["steps"])) + "\n"
+                               for p, s in ((short, 0), (short, 1), (longer, 1))))
+    tasks = [(longer, 0), (longer, 1)]
+    configs = {(p.name, s): p.run_config(s) for p, s in tasks}
+    skip, notes = measured_models_gone("scaling", tasks, configs, "mini", records, tmp_path / "runs",
+                                       {short.name: 2000})
+    assert list(skip) == [(longer.name, 1)] and "supersede" in skip[longer.name, 1]
+    assert len(notes) == 1 and notes[0].startswith(f"{longer.name} seed 0: continues {short.name} seed 0")
+    ckpt = tmp_path / "runs" / f"{short.name}-s0" / "checkpoints" / "checkpoint-2000"
+    ckpt.mkdir(parents=True)
+    from core.train import DONE_MARKER
+
+    (ckpt / DONE_MARKER).touch()
+    assert measured_models_gone("scaling", tasks, configs, "mini", records, tmp_path / "runs", {short.name: 2000})[1] == []
