@@ -258,7 +258,8 @@ def figure(records: list[dict], out: Path) -> Path:
             b.set_xlabel(a.get_xlabel())
             b.set_ylabel(f"{metric} (mean ± SD over seeds)")
             b.set_title(f"each arm's level ({PRIMARY})", fontsize=9)
-            b.legend(fontsize=8)
+            if any(levels.values()):
+                b.legend(fontsize=8)
     fig.suptitle("Scaling grid, 16x16 digits: proxy metrics from the digits classifier (not FID)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, metadata={"Software": None})
