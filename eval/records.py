@@ -17,6 +17,12 @@ from core.runlog import JsonlError, append_jsonl, git_commit, iter_jsonl, rewrit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "records.jsonl"
+
+
+def records_home(records: Path) -> Path:
+    """Where a run recorded into ``records`` keeps its artifacts (``<home>/results/{curves,grids}``) and tables: the
+    repository for the committed records file, else the records file's folder (a pilot, a sweep)."""
+    return ROOT if Path(records).resolve() == RECORDS.resolve() else Path(records).parent
 # Every preset's name starts with its scale. mini-long: a mini preset trained longer, where one exists;
 # mini-gpu: a larger mini setting (32x32 digits, a bigger UNet) for one GPU, same proxy metrics.
 SCALES = ("smoke", "mini", "mini-long", "mini-gpu", "paper")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from core.runlog import RunLock, run_name
 from core.train import recorded_shared, training_overrides
-from eval.records import RECORDS, ROOT, SCALES, RecordError, cpu_cores
+from eval.records import RECORDS, ROOT, SCALES, RecordError, cpu_cores, records_home
 
 from .evaluate import check_trained_models, evaluate_unconditional, measured_models_gone
 from .presets import Preset, run_config, sampler_configs, with_eval_options
@@ -221,7 +221,7 @@ def main(
     records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
     # Only runs recorded in the committed records file update results/ and tables/; any other
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
-    home = ROOT if records.resolve() == RECORDS.resolve() else records.parent
+    home = records_home(records)
     tasks = list({(p.name, s): (p, s) for p in chosen for s in seeds}.values())  # --seeds 0,0: one run, not two
     configs, overrides = {}, {}  # every run's config, resolved and validated before any compute: one line per bad --set
     for preset, seed in tasks:

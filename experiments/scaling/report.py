@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from eval.metric_specs import higher_is_better
-from eval.records import RECORDS, ROOT, load_records
+from eval.records import RECORDS, ROOT, load_records, records_home
 
 from . import PRESETS, STEPS, WIDTHS
 
@@ -272,8 +272,7 @@ def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
     shown = records_path.resolve().relative_to(ROOT) if records_path.resolve().is_relative_to(ROOT) else records_path
     table = out_dir / "tables" / TABLE
     table.parent.mkdir(parents=True, exist_ok=True)
-    home = ROOT if records_path.resolve() == RECORDS.resolve() else records_path.parent  # where the runner keeps curves
-    table.write_text(render(records, str(shown), home / "results" / "curves" / "scaling"))
+    table.write_text(render(records, str(shown), records_home(records_path) / "results" / "curves" / "scaling"))
     return [table, figure(records, out_dir / "figures" / FIGURE)]
 
 
