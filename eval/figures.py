@@ -5,7 +5,8 @@
 
 * one bar figure per table whose spec (``eval.tables.TableSpec.figure``, declared in the experiment's
   ``table.yaml``) asks for one: ``grouped`` draws each of its metrics (``fd_digits`` and ``confident_digits`` unless
-  the spec says otherwise) in a panel, a bar per benchmark and method (mean +- std over seeds);
+  the spec says otherwise) in a panel, a bar per benchmark and method (mean +- std over seeds), a group per
+  benchmark and protocol where a table holds more than one (e.g. a reading sampled with DDPM-250 and DDIM-50);
   ``decoding_efficiency`` (the paper's Figure 4 analogue) draws quality as bars and the measured training time per
   step as markers on a second axis;
 * ``curves_<experiment>.png``: point and context loss over training, one line per run, a row per scale;
@@ -90,19 +91,39 @@ def bar_layout(d: pd.DataFrame, order: tuple[str, ...] = ()) -> list[tuple[float
     return bars
 
 
+# The protocol of a cell beside its benchmark (eval.tables.BLOCK): bars of two protocols are never one comparison.
+PROTOCOL_COLUMNS = ("scale", "sampler", "checkpoint", "n_samples", "reference")
+
+
+def protocol_groups(d: pd.DataFrame) -> pd.Series:
+    """The group each row's bar is drawn in: its benchmark, followed by the protocol columns (``PROTOCOL_COLUMNS``)
+    that differ between the rows of ``d``: a reading measured under ancestral DDPM-250 and DDIM-50 gets a bar in
+    each sampler's group, never one bar for whichever sampler came first. ``d``: summary rows of one experiment."""
+    varying = [c for c in PROTOCOL_COLUMNS if c in d and d[c].nunique(dropna=False) > 1]
+
+    def label(row) -> str:
+        parts = [f"{row[c]:,} steps" if c == "checkpoint" else f"{row[c]:,} samples" if c == "n_samples"
+                 else str(row[c]) for c in varying]
+        return "\n".join([row["benchmark"], *parts])
+    return d.apply(label, axis=1) if len(d) else pd.Series([], dtype=str)
+
+
 def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
             metrics: tuple[str, ...] = ("fd_digits", "confident_digits"), order: tuple[str, ...] = (),
             labels: dict[str, str] | None = None) -> Path | None:
     """Bars per benchmark and method (mean ± std over seeds; the largest n in the tick label), one panel per metric.
 
     A method gets a bar only on the benchmarks it was measured on (``bar_layout``), and one colour
-    throughout. Metrics without records get no panel; returns None when none has records.
+    throughout. Rows of different protocols (sampler, training steps, samples, reference, scale) are drawn in
+    separate groups, each labelled with its protocol (``protocol_groups``). Metrics without records get no panel;
+    returns None when none has records.
     """
     d = summary[summary["experiment"] == experiment]
     metrics = tuple(m for m in metrics if (d["metric"] == m).any())
     if not metrics:
         return None
     d = d[d["metric"].isin(metrics)]
+    d = d.assign(benchmark=protocol_groups(d))  # a group per benchmark and protocol
     bars = bar_layout(d, order)
     methods = list(dict.fromkeys(m for _, _, m in bars))  # in order of first bar
     colour = {m: plt.cm.tab20(i % 20) if len(methods) > 10 else f"C{i}" for i, m in enumerate(methods)}
@@ -125,8 +146,10 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
     for bench in sorted({b for _, b, _ in bars}):
         xs = [x for x, b, _ in bars if b == bench]
         axes[0, 0].annotate(bench, ((min(xs) + max(xs)) / 2, 1.0), xycoords=("data", "axes fraction"),
-                            xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9, weight="bold")
-    axes[0, 0].set_title(f"{title} (mean ± std over seeds)", pad=16)
+                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=9,
+                            weight="bold")
+    lines = max(b.count("\n") for _, b, _ in bars) + 1  # a protocol line under each benchmark's name
+    axes[0, 0].set_title(f"{title} (mean ± std over seeds)", pad=16 + 11 * (lines - 1))
     return _save(fig, out)
 
 
@@ -186,8 +209,8 @@ def bar_figure(summary: pd.DataFrame, spec: TableSpec, out: Path) -> Path | None
 def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures",
                   specs: dict[str, TableSpec] | None = None) -> tuple[list[Path], list[str]]:
     """Draw every figure whose inputs exist: the bar figures of ``specs`` (default :func:`eval.tables.table_specs`),
-    then each experiment's curves and samples; returns (written paths, skipped names). Raises ValueError when a
-    row a bar figure draws holds records of two current samplers."""
+    then each experiment's curves and samples; returns (written paths, skipped names). A bar figure draws each
+    protocol (sampler, training steps, ...) of its table in a group of its own (``protocol_groups``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = table_specs() if specs is None else specs
     summary = with_borrowed(summarize([r for r in load_records(records_path)
@@ -195,13 +218,6 @@ def write_figures(records_path: Path = RECORDS, out_dir: Path = ROOT / "figures"
     bar_figures = {  # figure -> (the experiment it draws one bar per row of, how)
         spec.figure.file: (name, lambda p, spec=spec: bar_figure(summary, spec, p))
         for name, spec in specs.items() if spec.figure is not None}
-    # A bar per row: two current samplers for one row would draw one of them silently. Tables no bar figure draws may
-    # keep several current sampler blocks side by side (unconditional's DDIM-50 and DDPM-250).
-    drawn = summary[summary["experiment"].isin({e for e, _ in bar_figures.values()})]
-    twice = drawn[drawn.duplicated(["experiment", "scale", "benchmark", "method", "metric"], keep=False)]
-    if not twice.empty:
-        raise ValueError("rows measured with more than one current sampler (mark the older records superseded):\n"
-                         + twice[["experiment", "benchmark", "method", "metric", "sampler"]].to_string(index=False))
     made, skipped = [], []
     jobs = {name: job for name, (_, job) in bar_figures.items()}
     for experiment in sorted({p.name for p in (RESULTS / "curves").glob("*")} if (RESULTS / "curves").exists() else []):

@@ -224,7 +224,7 @@ def test_curves_draw_one_row_per_scale(tmp_path, monkeypatch):
     assert plt.imread(figures.curves("unconditional", tmp_path / "c.png")).shape[0] < 1.2 * one_row
 
 
-def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tmp_path):
+def test_figures_leave_out_superseded_records_and_draw_each_current_sampler_in_its_own_group(tmp_path):
     from eval.figures import write_figures
 
     base = json.loads((FIXTURES / "records.jsonl").read_text().splitlines()[0])
@@ -235,16 +235,34 @@ def test_figures_leave_out_superseded_records_and_refuse_two_current_samplers(tm
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     made, _ = write_figures(path, tmp_path / "figs")
     assert tmp_path / "figs" / "stride_ablation.png" in made
+    one_sampler = (tmp_path / "figs" / "stride_ablation.png").read_bytes()
     path.write_text("".join(json.dumps(r) + "\n" for r in recs if r.get("superseded")))
     _, skipped = write_figures(path, tmp_path / "figs")  # only superseded records left: the old figure goes
     assert "stride_ablation.png" in skipped and not (tmp_path / "figs" / "stride_ablation.png").exists()
+    # Two current samplers (a reading sampled with DDPM-250 and DDIM-50): the figure is drawn, with a group per
+    # sampler. It used to raise, so the readings figure broke the day its DDPM-250 records landed.
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "superseded"}) + "\n" for r in recs))
-    with pytest.raises(ValueError, match="more than one current sampler"):
-        write_figures(path, tmp_path / "figs")
-    # a table no bar figure draws may hold two current sampler blocks (unconditional's DDIM-50 and DDPM-250)
-    path.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "superseded"},
-                                        "experiment": "unconditional"}) + "\n" for r in recs))
-    write_figures(path, tmp_path / "figs")
+    made, _ = write_figures(path, tmp_path / "figs")
+    assert tmp_path / "figs" / "stride_ablation.png" in made
+    assert (tmp_path / "figs" / "stride_ablation.png").read_bytes() != one_sampler  # the second group's bars
+
+
+def test_bars_of_two_protocols_are_grouped_apart():
+    """Each bar's group names its benchmark and, where the table holds more than one, its protocol."""
+    import pandas as pd
+
+    from eval.figures import bar_layout, protocol_groups
+
+    d = pd.DataFrame({"benchmark": ["digits16"] * 4, "method": ["baseline", "t-signal-share"] * 2,
+                      "scale": ["mini"] * 4, "sampler": ["ddim-50-noclip"] * 2 + ["ddpm-250-noclip"] * 2,
+                      "checkpoint": [2000] * 4, "n_samples": [1000] * 4, "reference": ["digits"] * 4})
+    assert list(protocol_groups(d)) == ["digits16\nddim-50-noclip"] * 2 + ["digits16\nddpm-250-noclip"] * 2
+    assert [(x, m) for x, _, m in bar_layout(d.assign(benchmark=protocol_groups(d)))] == [
+        (0, "baseline"), (1, "t-signal-share"), (3, "baseline"), (4, "t-signal-share")]
+    one = d[d["sampler"] == "ddim-50-noclip"]
+    assert list(protocol_groups(one)) == ["digits16"] * 2  # one protocol: the benchmark alone, as before
+    assert list(protocol_groups(d.assign(checkpoint=[2000, 2000, 5000, 5000]).iloc[[0, 2]])) == [
+        "digits16\nddim-50-noclip\n2,000 steps", "digits16\nddpm-250-noclip\n5,000 steps"]
 
 
 def test_committed_figures_are_drawn_from_the_committed_records(tmp_path):
