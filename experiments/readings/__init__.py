@@ -19,6 +19,8 @@ unconditional table's baseline and with its ConPreDiff row (same seeds, same pro
 * ``t-signal-share`` / ``t-below-500``: the context term weighted per image by its timestep, by the target's signal
   share a(t)^2 / (a(t)^2 + b(t)^2) where mu~ = a(t) x0 + b(t) eps, or only for t < 500 (``context.t_weighting``);
   sampled with ancestral DDPM-250 first (paired with the unconditional table's DDPM-250 block), DDIM-50 beside it.
+  Each halves the term's mean weight over uniform t (0.498 and 0.5); ``t-uniform-0.5`` (λ = 0.5 at every t) is the
+  control that separates where in t the term acts from how much of it there is.
 * ``decoder-full``: the context decoder and the points it decodes as the paper-scale presets have them (the
   config's defaults: Gaussian dimension 32, two hidden layers of 64, every point's neighborhood), instead of the
   mini's economy (16, one layer of 32, a random quarter of the points, an unbiased but noisier estimate of the
@@ -84,6 +86,9 @@ PRESETS = [
     # a(t)^2 / (a(t)^2 + b(t)^2), or kept only below t = 500 (core.objective.timestep_weights).
     _timestep_reading("t-signal-share", t_weighting="signal_share"),
     _timestep_reading("t-below-500", t_weighting="below", t_cut=500),
+    # Both weightings halve the term's mean weight over uniform t (signal share 0.498, 1[t < 500] 0.5): the control is
+    # the same mean weight at every t, so that "where in t" is read apart from "how much".
+    _timestep_reading("t-uniform-0.5", weight=0.5),
 ]
 
 # The reading became the default: MINI_DISCRETE now weights the loss this way, so these presets equal the
