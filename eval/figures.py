@@ -18,6 +18,8 @@ an older file of that name removed). Output is deterministic.
 from __future__ import annotations
 
 import argparse
+import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +35,7 @@ from .tables import SPECS, TableSpec, higher_is_better, summarize, table_specs, 
 
 RESULTS = ROOT / "results"
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
+SAMPLE_COLUMNS = 6
 
 
 def _save(fig, out: Path) -> Path:
@@ -127,8 +130,17 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
     bars = bar_layout(d, order)
     methods = list(dict.fromkeys(m for _, _, m in bars))  # in order of first bar
     colour = {m: plt.cm.tab20(i % 20) if len(methods) > 10 else f"C{i}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(7.0, 0.45 * (bars[-1][0] + 1) + 2.5), 2.8 * len(metrics) + 1.2),
-                             squeeze=False, sharex=True)
+
+    def tick(bench: str, method: str) -> str:
+        n = d[(d["benchmark"] == bench) & (d["method"] == method)]["n"]
+        return f"{(labels or {}).get(method, method)} (n={int(n.max())})"
+
+    ticks = [tick(b, m) for _, b, m in bars]
+    # Rotated 40 degrees at 7 pt, a tick label needs about 0.035 in of height per character: the figure grows with
+    # its longest label, so tight_layout never runs out of room (it warned, and clipped, on long method names).
+    label_height = 0.035 * max(map(len, ticks))
+    fig, axes = plt.subplots(len(metrics), 1, squeeze=False, sharex=True,
+                             figsize=(max(7.0, 0.45 * (bars[-1][0] + 1) + 2.5), 2.8 * len(metrics) + 0.4 + label_height))
     for ax, metric in zip(axes[:, 0], metrics):
         for x, bench, method in bars:
             r = d[(d["benchmark"] == bench) & (d["method"] == method) & (d["metric"] == metric)]
@@ -136,13 +148,7 @@ def grouped(summary: pd.DataFrame, experiment: str, out: Path, title: str,
                 ax.bar(x, r["mean"].iloc[0], 0.85, yerr=r["std"].fillna(0).iloc[0], capsize=2, color=colour[method])
         ax.set_ylabel(f"{metric}\n({'higher' if higher_is_better(metric) else 'lower'} is better)", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
-
-    def tick(bench: str, method: str) -> str:
-        n = d[(d["benchmark"] == bench) & (d["method"] == method)]["n"]
-        return f"{(labels or {}).get(method, method)} (n={int(n.max())})"
-
-    axes[-1, 0].set_xticks([x for x, _, _ in bars], [tick(b, m) for _, b, m in bars], rotation=40, ha="right",
-                           fontsize=7)
+    axes[-1, 0].set_xticks([x for x, _, _ in bars], ticks, rotation=40, ha="right", fontsize=7)
     for bench in sorted({b for _, b, _ in bars}):
         xs = [x for x, b, _ in bars if b == bench]
         axes[0, 0].annotate(bench, ((min(xs) + max(xs)) / 2, 1.0), xycoords=("data", "axes fraction"),
@@ -159,7 +165,8 @@ def _scale_rank(scale: str) -> int:
 
 
 def curves(experiment: str, out: Path) -> Path | None:
-    """One row per scale (read off the run names): point loss and context loss over steps, a line per run."""
+    """One row per scale (read off the run names): point loss and context loss over steps, a line per run, one colour
+    per preset (its seeds share it) and one legend entry per preset, beside the row."""
     files = sorted((RESULTS / "curves" / experiment).glob("*.jsonl"))
     if not files:
         return None
@@ -167,22 +174,32 @@ def curves(experiment: str, out: Path) -> Path | None:
     for f in files:
         by_scale.setdefault(scale_of(f.stem), []).append(f)
     scales = sorted(by_scale, key=_scale_rank)
-    fig, axes = plt.subplots(len(scales), 2, figsize=(10, 3.5 * len(scales)), squeeze=False)
+    presets = {scale: list(dict.fromkeys(_preset_of(f.stem) for f in by_scale[scale])) for scale in scales}
+    row_height = [max(3.5, 0.12 * len(presets[s]) + 0.8) for s in scales]  # a legend line is about 0.12 in at 6 pt
+    fig, axes = plt.subplots(len(scales), 2, figsize=(14, sum(row_height)), squeeze=False,
+                             gridspec_kw={"height_ratios": row_height})
     for (point_ax, context_ax), scale in zip(axes, scales):
-        mine = by_scale[scale]
-        for k, f in enumerate(mine):
-            rows = read_jsonl(f)
-            # one colour per run on both panels; tab20 when ten default colours would repeat
-            steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(mine) > 10 else f"C{k}")
-            point_ax.plot(steps, [r["point_loss"] for r in rows], label=f.stem, lw=1, color=color)
+        mine, names = by_scale[scale], presets[scale]
+        for f in mine:
+            rows, k = read_jsonl(f), names.index(_preset_of(f.stem))
+            # one colour per preset on both panels; tab20 when ten default colours would repeat
+            steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(names) > 10 else f"C{k}")
+            seeds = sum(_preset_of(g.stem) == names[k] for g in mine)
+            first = _preset_of(f.stem) not in {line.get_label().split(" (")[0] for line in point_ax.lines}
+            label = f"{names[k]} ({seeds} seed{'s' if seeds > 1 else ''})" if first else "_nolegend_"
+            point_ax.plot(steps, [r["point_loss"] for r in rows], label=label, lw=1, color=color)
             if "context_loss" in rows[0]:
-                context_ax.plot(steps, [r["context_loss"] for r in rows], label=f.stem, lw=1, color=color)
+                context_ax.plot(steps, [r["context_loss"] for r in rows], lw=1, color=color)
         point_ax.set(title=f"point (denoising) loss{f', scale {scale}' if scale else ''}", xlabel="step", yscale="log")
         context_ax.set(title="context loss (sum over strides of W2²)", xlabel="step")
-        point_ax.legend(fontsize=6)
-        if context_ax.lines:
-            context_ax.legend(fontsize=6)
+        handles, labels = point_ax.get_legend_handles_labels()
+        context_ax.legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return _save(fig, out)
+
+
+def _preset_of(run: str) -> str:
+    """The preset a run folder's name belongs to: the name without its ``-s<seed>`` suffix."""
+    return re.sub(r"-s\d+$", "", run)
 
 
 def samples(experiment: str, out: Path) -> Path | None:
@@ -190,11 +207,14 @@ def samples(experiment: str, out: Path) -> Path | None:
                    key=lambda g: (_scale_rank(scale_of(g.stem)), g.stem))
     if not grids:
         return None
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.6), squeeze=False)
-    for ax, g in zip(axes[0], grids):
-        ax.imshow(plt.imread(g), interpolation="nearest")
-        ax.set_title(g.stem, fontsize=9)
+    cols = min(SAMPLE_COLUMNS, len(grids))  # rows of at most SAMPLE_COLUMNS grids (readings' 13 made it 55 in wide)
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, g in zip(axes.flat, grids):
+        ax.imshow(plt.imread(g), interpolation="nearest")
+        ax.set_title(textwrap.fill(g.stem, 36), fontsize=9)  # breaks at hyphens: a long run name stays in its column
     return _save(fig, out)
 
 

@@ -268,13 +268,18 @@ def test_bars_of_two_protocols_are_grouped_apart():
 def test_committed_figures_are_drawn_from_the_committed_records(tmp_path):
     """`python -m eval.figures` works on results/records.jsonl and draws every committed figure (it refused once the
     unconditional table gained a second current sampler block, and no test noticed)."""
+    import warnings
+
     from eval.figures import write_figures
     from eval.records import RECORDS, ROOT
 
     from experiments.scaling.report import FIGURE  # drawn by the scaling experiment's own report
 
-    made, _ = write_figures(RECORDS, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "Tight layout not applied": labels clipped
+        warnings.simplefilter("always")
+        made, _ = write_figures(RECORDS, tmp_path)
     assert {p.name for p in made} == {p.name for p in (ROOT / "figures").glob("*.png")} - {FIGURE}
+    assert not [str(w.message) for w in caught if "layout" in str(w.message).lower()]
 
 
 def test_every_reading_is_tested_against_conprediff():
