@@ -76,7 +76,22 @@ def test_trend_is_the_t_test_of_per_seed_slopes():
     assert t.slope == pytest.approx(mean)
     assert t.p == pytest.approx(2 * stats.t.sf(abs(mean / se), df=2))
     assert t.ci_low == pytest.approx(mean - stats.t.ppf(0.975, 2) * se)
+    assert t.points == (2000, 5000, 12500)
     assert math.isnan(trend({0: {1: 1.0, 2: 2.0}}).p)  # one seed: no test
+
+
+def test_trend_waits_for_a_grid_point_still_being_measured():
+    """A point that fewer seeds have (a cell in progress) is left out of the trend, not the seeds without it: width 64
+    with seed 0 alone emptied the width trend (n/a) that widths 16 and 32 gave with three seeds."""
+    from experiments.scaling.report import trend
+
+    gaps = {0: {1: 3.0, 4: 1.0, 16: 0.5}, 1: {1: 2.0, 4: 1.5}, 2: {1: 4.0, 4: 0.5}}
+    t = trend(gaps)
+    assert (t.points, t.seeds) == ((1, 4), (0, 1, 2))
+    slopes = [(gaps[s][4] - gaps[s][1]) / 2 for s in (0, 1, 2)]  # log2(4) - log2(1) = 2
+    assert t.slope == pytest.approx(np.mean(slopes))
+    gaps[1][16], gaps[2][16] = 0.4, 0.9  # the point complete: every seed's slope uses all three
+    assert trend(gaps).points == (1, 4, 16)
 
 
 def test_report_renders_from_records(tmp_path):

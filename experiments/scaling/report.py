@@ -14,6 +14,7 @@ runs over the metrics of one (sampler, axis).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,28 +35,39 @@ CELLS = {p.name: (p.extra["width"], p.extra["steps"], p.method) for p in PRESETS
 
 @dataclass(frozen=True)
 class Trend:
-    """Mean of the per-seed slopes of the gap against log2(x), its 95% CI, the one-sample t-test's p, and the seeds."""
+    """Mean of the per-seed slopes of the gap against log2(x), its 95% CI, the one-sample t-test's p, the seeds, and
+    the grid points (x) the slopes were fitted on."""
 
     slope: float
     ci_low: float
     ci_high: float
     p: float
     seeds: tuple[int, ...]
+    points: tuple[float, ...] = ()
 
 
 def trend(gaps: dict[int, dict[float, float]], confidence: float = 0.95) -> Trend:
-    """``gaps``: ``{seed: {x: gap}}``. Seeds that lack any x measured for another seed are left out (each slope uses
-    the same points). Slope per seed: ordinary least squares of gap on log2(x) (``numpy.polyfit`` degree 1). Needs
-    >= 2 points and >= 2 seeds, else NaNs."""
+    """``gaps``: ``{seed: {x: gap}}``. Every slope is fitted on the same points: of the sets of >= 2 points, the one
+    that the most seeds have all of (ties: the most points, then the smaller x), so a grid point still being measured
+    (fewer seeds than the rest) waits until it has as many seeds instead of emptying the test; the points used are
+    in ``points``. Slope per seed: ordinary least squares of gap on log2(x) (``numpy.polyfit`` degree 1); test:
+    one-sample t-test of the slopes against 0 (``scipy.stats.ttest_1samp``). Needs >= 2 points and >= 2 seeds,
+    else NaNs."""
     xs = sorted({x for g in gaps.values() for x in g})
-    seeds = tuple(sorted(s for s, g in gaps.items() if all(x in g for x in xs)))
-    if len(xs) < 2 or len(seeds) < 2:
-        return Trend(math.nan, math.nan, math.nan, math.nan, seeds)
-    logx = np.log2(np.array(xs, float))
-    slopes = np.array([np.polyfit(logx, [gaps[s][x] for x in xs], 1)[0] for s in seeds])
+    best: tuple[tuple[float, ...], tuple[int, ...]] = ((), ())
+    for k in range(len(xs), 1, -1):
+        for subset in itertools.combinations(xs, k):
+            seeds = tuple(sorted(s for s, g in gaps.items() if all(x in g for x in subset)))
+            if len(seeds) > len(best[1]):
+                best = (subset, seeds)
+    points, seeds = best
+    if len(seeds) < 2:
+        return Trend(math.nan, math.nan, math.nan, math.nan, seeds, points)
+    logx = np.log2(np.array(points, float))
+    slopes = np.array([np.polyfit(logx, [gaps[s][x] for x in points], 1)[0] for s in seeds])
     res = stats.ttest_1samp(slopes, 0.0)
     ci = res.confidence_interval(confidence)
-    return Trend(float(slopes.mean()), float(ci.low), float(ci.high), float(res.pvalue), seeds)
+    return Trend(float(slopes.mean()), float(ci.low), float(ci.high), float(res.pvalue), seeds, points)
 
 
 def unet_parameters(width: int) -> int:
@@ -202,12 +214,16 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
             trends = {m: trend(gaps_along(v, sampler, m, axis, params)) for m in METRICS}
             adjusted = dict(zip(METRICS, holm([trends[m].p for m in METRICS])))
             points = ", ".join(f"{s:,}" if axis == "steps" else f"{params[w]:,}" for w, s in axes()[axis])
-            lines += [f"Trend along {axis} ({points}): slope of the gap per doubling ({unit})", "",
-                      "| metric | slope [95% CI] | p | p (Holm) | seeds |", "|---|---|---|---|---|"]
+            width_of = {params[w]: w for w in WIDTHS}
+            lines += [f"Trend along {axis} ({points}): slope of the gap per doubling ({unit}). Fitted on the points "
+                      "that the most seeds have all of: a point with fewer seeds than the others joins once it has "
+                      "as many.", "",
+                      f"| metric | slope [95% CI] | p | p (Holm) | seeds | {axis} fitted |", "|---|---|---|---|---|---|"]
             for m in METRICS:
                 t = trends[m]
+                fitted = ", ".join(f"{int(x):,}" if axis == "steps" else str(width_of[int(x)]) for x in t.points)
                 lines.append(f"| {m} | {fmt(t.slope)} [{fmt(t.ci_low)}, {fmt(t.ci_high)}] | {fmt(t.p, 2)} | "
-                             f"{fmt(adjusted[m], 2)} | {','.join(map(str, t.seeds)) or 'none with every point'} |")
+                             f"{fmt(adjusted[m], 2)} | {','.join(map(str, t.seeds)) or 'none'} | {fitted or 'none'} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
