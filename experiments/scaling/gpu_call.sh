@@ -2,7 +2,7 @@
 # The scaling grid's cell that a 3-hour session of 2 CPU cores cannot finish, on one GPU in one device call of at most
 # 10 minutes: width 64 (64, 128, 128 channels, 4.17 M parameters) at 2,000 steps, both arms, seeds 0-2, the six runs
 # at once under CUDA MPS (as results/mini-gpu/ ran its ten), each sampled with DDPM-250 (primary) and DDIM-50.
-# On 2 idle CPU cores this cell is about 3 hours (experiments/scaling/__init__.py's estimate); on the GPU it is not
+# On 2 idle CPU cores this cell is about 2.7 hours (53 min per seed's pair, measured); on the GPU it is not
 # measured yet: the mini-gpu rows (6.07 M parameters, 32x32, batch 128, ten runs at once) trained at 4.7 it/s per
 # baseline run on an H100, and this cell's step is about 8x less work (16x16, batch 64).
 #
