@@ -233,24 +233,34 @@ def compare(method: dict[int, float], reference: dict[int, float], confidence: f
     """
     a, b = np.array(list(method.values()), float), np.array(list(reference.values()), float)
     nan = math.nan
+    # Values of no spread up to float rounding (two seeds whose differences are both -0.049) make t infinite:
+    # scipy then reports p = 0 or 1e-16 and a zero-width CI. No t-test is defined there: p and CI are NaN.
+    rounding = 1e-9 * max(1e-300, *np.abs(a), *np.abs(b)) if len(a) and len(b) else 0.0
+
+    def no_spread(v) -> bool:
+        return float(np.ptp(v)) <= rounding
     p_welch, welch = nan, None
     shared = sorted(set(method) & set(reference))
     with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zero variance: scipy warns and returns NaN, which we report as such
-        if len(a) >= 2 and len(b) >= 2:
+        warnings.simplefilter("ignore")
+        if len(a) >= 2 and len(b) >= 2 and not (no_spread(a) and no_spread(b)):
             welch = stats.ttest_ind(a, b, equal_var=False)
             p_welch = float(welch.pvalue)
         if len(shared) >= 2:
             x, y = [method[s] for s in shared], [reference[s] for s in shared]
+            test = "paired" if len(shared) == len(a) == len(b) else "paired on seeds " + ",".join(map(str, shared))
+            if no_spread(np.subtract(x, y)):
+                return Comparison(float(np.mean(x) - np.mean(y)), nan, nan, nan, test, p_welch)
             res = stats.ttest_rel(x, y)
             ci = res.confidence_interval(confidence)
-            test = "paired" if len(shared) == len(a) == len(b) else "paired on seeds " + ",".join(map(str, shared))
             return Comparison(float(np.mean(x) - np.mean(y)), float(ci.low), float(ci.high), float(res.pvalue), test,
                               p_welch)
         delta = float(a.mean() - b.mean())
         if welch is not None:
             ci = welch.confidence_interval(confidence)
             return Comparison(delta, float(ci.low), float(ci.high), p_welch, "welch", p_welch)
+        if len(a) >= 2 and len(b) >= 2:  # both arms without spread: Welch's test is not defined
+            return Comparison(delta, nan, nan, nan, "welch", nan)
     return Comparison(delta, nan, nan, nan, "", p_welch)
 
 

@@ -71,6 +71,23 @@ def test_compare_matches_scipy_and_a_hand_computed_case():
     assert compare({0: 1.0}, {0: 2.0}).test == ""
 
 
+def test_differences_without_spread_get_no_p_value():
+    """Two seeds whose paired differences are both -0.049 (up to float rounding) made t infinite, and the scaling
+    table printed p = 7.2e-16 with a zero-width CI from two seeds. No t-test is defined there: p and CI are NaN,
+    the verdict inconclusive; Δ stays."""
+    import math
+
+    from eval.tables import compare, verdict
+
+    c = compare({0: 0.769, 1: 0.759}, {0: 0.818, 1: 0.808})  # differences -0.049 and -0.04900000000000004
+    assert c.test == "paired" and c.delta == pytest.approx(-0.049)
+    assert math.isnan(c.p) and math.isnan(c.ci_low) and math.isnan(c.ci_high)
+    assert verdict(c, "confident_digits", math.nan) == "inconclusive"
+    w = compare({0: 0.769, 1: 0.769}, {2: 0.818, 3: 0.818})  # both arms constant, no shared seeds
+    assert w.test == "welch" and math.isnan(w.p)
+    assert compare({0: 0.769, 1: 0.779}, {0: 0.818, 1: 0.808}).p == pytest.approx(0.1598, abs=1e-4)  # spread: tested
+
+
 def test_holm_adjustment_by_hand():
     import math
 
