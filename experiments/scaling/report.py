@@ -241,7 +241,7 @@ def figure(records: list[dict], out: Path) -> Path:
     fig, ax = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     for row, metric in enumerate(("fd_digits", "confident_digits")):
         for col, axis in enumerate(("steps", "width")):
-            xs_gap, gaps, lows, highs, levels = [], [], [], [], {"baseline": [], "conprediff": []}
+            xs_gap, gaps, lows, highs, ns, levels = [], [], [], [], [], {"baseline": [], "conprediff": []}
             for width, steps in axes()[axis]:
                 x = steps if axis == "steps" else params[width]
                 base = v.get((PRIMARY, metric, width, steps, "baseline"), {})
@@ -253,11 +253,15 @@ def figure(records: list[dict], out: Path) -> Path:
                 if len(set(base) & set(ctx)) >= 2:
                     c = compare(ctx, base)
                     xs_gap.append(x), gaps.append(c.delta), lows.append(c.ci_low), highs.append(c.ci_high)
+                    ns.append(len(set(base) & set(ctx)))
             a = ax[row, col]
             if xs_gap:
                 g = np.array(gaps)
                 a.errorbar(xs_gap, g, yerr=np.nan_to_num(np.clip([g - np.array(lows), np.array(highs) - g], 0, None)),
                            marker="o", capsize=4)
+                for x, y, n, low in zip(xs_gap, g, ns, lows):  # the seeds behind each point; no CI drawn: none defined
+                    a.annotate(f"n={n}" + (", no CI" if np.isnan(low) else ""), (x, y), xytext=(5, 5),
+                               textcoords="offset points", fontsize=7)
             else:
                 a.text(0.5, 0.5, "no cell with both arms yet", ha="center", va="center", transform=a.transAxes)
             a.axhline(0, color="grey", lw=0.8)
