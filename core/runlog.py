@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ PACKAGES = ("torch", "diffusers", "accelerate", "datasets", "transformers", "num
 def run_name(preset: str, seed: int) -> str:
     """A run's name, and its directory's under ``--runs-dir``: ``<preset>-s<seed>`` (the one place it is spelled)."""
     return f"{preset}-s{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, int]:
+    """``run_name``'s inverse: ``(preset, seed)``. ValueError when ``name`` does not end in ``-s<seed>``."""
+    match = re.fullmatch(r"(.+)-s(\d+)", name)
+    if not match:
+        raise ValueError(f"{name!r} is not a run name (<preset>-s<seed>)")
+    return match[1], int(match[2])
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

@@ -18,8 +18,8 @@ an older file of that name removed). Output is deterministic.
 from __future__ import annotations
 
 import argparse
-import re
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.runlog import read_jsonl  # noqa: E402
+from core.runlog import read_jsonl, split_run_name  # noqa: E402
 
 from .records import RECORDS, ROOT, SCALES, load_records, scale_of  # noqa: E402
 from .tables import SPECS, TableSpec, higher_is_better, summarize, table_specs, with_borrowed  # noqa: E402
@@ -174,19 +174,19 @@ def curves(experiment: str, out: Path) -> Path | None:
     for f in files:
         by_scale.setdefault(scale_of(f.stem), []).append(f)
     scales = sorted(by_scale, key=_scale_rank)
-    presets = {scale: list(dict.fromkeys(_preset_of(f.stem) for f in by_scale[scale])) for scale in scales}
-    row_height = [max(3.5, 0.12 * len(presets[s]) + 0.8) for s in scales]  # a legend line is about 0.12 in at 6 pt
+    seeds = {scale: Counter(split_run_name(f.stem)[0] for f in by_scale[scale]) for scale in scales}  # per preset
+    row_height = [max(3.5, 0.12 * len(seeds[s]) + 0.8) for s in scales]  # a legend line is about 0.12 in at 6 pt
     fig, axes = plt.subplots(len(scales), 2, figsize=(14, sum(row_height)), squeeze=False,
                              gridspec_kw={"height_ratios": row_height})
     for (point_ax, context_ax), scale in zip(axes, scales):
-        mine, names = by_scale[scale], presets[scale]
-        for f in mine:
-            rows, k = read_jsonl(f), names.index(_preset_of(f.stem))
+        names, labelled = list(seeds[scale]), set()
+        for f in by_scale[scale]:
+            rows, preset = read_jsonl(f), split_run_name(f.stem)[0]
+            k, n = names.index(preset), seeds[scale][preset]
             # one colour per preset on both panels; tab20 when ten default colours would repeat
             steps, color = [r["step"] for r in rows], (plt.cm.tab20(k % 20) if len(names) > 10 else f"C{k}")
-            seeds = sum(_preset_of(g.stem) == names[k] for g in mine)
-            first = _preset_of(f.stem) not in {line.get_label().split(" (")[0] for line in point_ax.lines}
-            label = f"{names[k]} ({seeds} seed{'s' if seeds > 1 else ''})" if first else "_nolegend_"
+            label = "_nolegend_" if preset in labelled else f"{preset} ({n} seed{'s' if n > 1 else ''})"
+            labelled.add(preset)
             point_ax.plot(steps, [r["point_loss"] for r in rows], label=label, lw=1, color=color)
             if "context_loss" in rows[0]:
                 context_ax.plot(steps, [r["context_loss"] for r in rows], lw=1, color=color)
@@ -195,11 +195,6 @@ def curves(experiment: str, out: Path) -> Path | None:
         handles, labels = point_ax.get_legend_handles_labels()
         context_ax.legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return _save(fig, out)
-
-
-def _preset_of(run: str) -> str:
-    """The preset a run folder's name belongs to: the name without its ``-s<seed>`` suffix."""
-    return re.sub(r"-s\d+$", "", run)
 
 
 def samples(experiment: str, out: Path) -> Path | None:

@@ -441,3 +441,13 @@ def test_a_resume_keeps_every_segment_and_refuses_other_data(tmp_path, monkeypat
     assert env["segments"][0]["data"]["source"] == str(folder.resolve()) and env["segments"][0]["data"]["num_images"] == 16
     assert "code changed since the last segment: commit aaaa -> bbbb-dirty" in env["segments"][1]["notes"][0]
     assert "resume: code changed" in (run / "log.txt").read_text()
+
+
+def test_split_run_name_inverts_run_name():
+    """Figures and the scaling report read a run's preset and seed back from its name through one function."""
+    from core.runlog import run_name, split_run_name
+
+    assert split_run_name(run_name("mini-digits16-conprediff-t-uniform-0.5", 12)) == (
+        "mini-digits16-conprediff-t-uniform-0.5", 12)
+    with pytest.raises(ValueError, match="not a run name"):
+        split_run_name("mini-digits16-baseline")

@@ -24,7 +24,8 @@ t-test of those slopes across seeds (H0: slope 0), with its 95% CI.
     python -m experiments.scaling.report          # tables/scaling.md and figures/scaling.png from the records
 
 The width-64 cell is about 2.7 hours of 2 CPU cores (53 min per seed's pair, measured);
-``experiments/scaling/gpu_call.sh`` runs it (both arms, 3 seeds) on one GPU in one call, with the steps to merge its records here (``python -m eval.records merge``).
+``experiments/scaling/gpu_call.sh`` runs it (both arms, 3 seeds) on one GPU in one call, with the steps to merge its
+records here (``python -m eval.records merge``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def continuations(curves: Path) -> list[Continuation]:
     folder gone: another machine or session), this says how far the retrain is from the recorded run: 0 bit for bit;
     else float rounding grown by training (measured: 1.7e-6 for a baseline, 1.3e-2 for a ConPreDiff run retrained
     on the same seed's draws a day later: its trajectory is 1% apart by step 100)."""
-    from core.runlog import read_jsonl
+    from core.runlog import read_jsonl, run_name, split_run_name
 
     from . import preset_name
 
@@ -135,8 +135,8 @@ def continuations(curves: Path) -> list[Continuation]:
     for shorter, longer in zip(STEPS, STEPS[1:]):
         for method in ("baseline", "conprediff"):
             for path in sorted(curves.glob(f"{preset_name(32, longer, method)}-s*.jsonl")):
-                seed = int(path.stem.rsplit("-s", 1)[1])
-                short = curves / f"{preset_name(32, shorter, method)}-s{seed}.jsonl"
+                seed = split_run_name(path.stem)[1]
+                short = curves / f"{run_name(preset_name(32, shorter, method), seed)}.jsonl"
                 if not short.exists():
                     continue
                 a = {r["step"]: r["loss"] for r in read_jsonl(short)}
@@ -250,10 +250,11 @@ def figure(records: list[dict], out: Path) -> Path:
                     if d:
                         levels[method].append((x, np.mean(list(d.values())), np.std(list(d.values()), ddof=1)
                                                if len(d) > 1 else 0.0))
-                if len(set(base) & set(ctx)) >= 2:
+                shared = len(set(base) & set(ctx))
+                if shared >= 2:
                     c = compare(ctx, base)
                     xs_gap.append(x), gaps.append(c.delta), lows.append(c.ci_low), highs.append(c.ci_high)
-                    ns.append(len(set(base) & set(ctx)))
+                    ns.append(shared)
             a = ax[row, col]
             if xs_gap:
                 g = np.array(gaps)
