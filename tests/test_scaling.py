@@ -125,6 +125,26 @@ def test_report_renders_from_records(tmp_path):
     assert "Trend along steps" in text and "| fd_digits | -0.3495 [-0.7532, 0.05421] | 0.058 |" in text
 
 
+def test_the_figure_draws_a_one_seed_grid_point_without_a_ci():
+    """A budget measured on one seed so far (12,500 steps, seed 0) is drawn, with n = 1 and no CI or SD, instead of
+    vanishing from the gap panel while the level panel shows it (the figure used to drop gaps of fewer than 2 seeds)."""
+    from experiments.scaling.report import PRIMARY, points_along
+
+    v = {(PRIMARY, "fd_digits", 32, steps, method): {s: 1.0 + s + (0.5 + 0.1 * s) * (method == "conprediff")
+                                                      for s in seeds}
+         for steps, seeds in ((2000, (0, 1, 2)), (5000, (0, 1, 2)), (12500, (0,)))
+         for method in ("baseline", "conprediff")}
+    drawn = points_along(v, "fd_digits", "steps", {})
+    assert [(x, n) for x, *_, n in drawn["gap"]] == [(2000, 3), (5000, 3), (12500, 1)]
+    x, gap, low, high, _ = drawn["gap"][2]
+    assert gap == pytest.approx(0.5) and math.isnan(low) and math.isnan(high)
+    assert not math.isnan(drawn["gap"][0][2])
+    assert drawn["baseline"][2][:2] == (12500, 1.0) and math.isnan(drawn["baseline"][2][2])
+    assert drawn["baseline"][0][2] == pytest.approx(1.0)  # SD of 1, 2, 3
+    width = points_along(v, "fd_digits", "width", {16: 1, 32: 2, 64: 4})  # x: the given parameter counts
+    assert [(x, n) for x, *_, n in width["gap"]] == [(2, 3)] and width["gap"][0][1:] == drawn["gap"][0][1:]
+
+
 def test_the_committed_scaling_table_is_regenerated_from_the_committed_records(tmp_path):
     from eval.records import RECORDS, ROOT
     from experiments.scaling.report import TABLE, write

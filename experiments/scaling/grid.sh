@@ -4,7 +4,7 @@
 # its two arms side by side (--jobs 2, a core each): a seed's pair is the unit a paired gap needs, so an interruption
 # loses at most one pair in progress, and a 3-hour session (this workplace's run folders do not outlive one) lands
 # whole pairs. Minutes per pair on 2 idle cores, measured: width 16 ~12, width 32 ~25 at 2,000 steps and ~49 at 5,000,
-# width 64 ~53 (26 training, 16 of DDPM-250 sampling); 12,500 steps ~95 (estimated from the per-step rates).
+# width 64 ~53 (26 training, 16 of DDPM-250 sampling); 12,500 steps ~78 (retraining its 2,000 -> 5,000 chain first).
 # Resumable: run it again and every run continues from its last checkpoint, every recorded measurement is skipped
 # (a 5,000- or 12,500-step run whose shorter run's folder is gone retrains it first: continued = trained straight).
 #   RUNS=/path/to/runs RECORDS=/path/to/records.jsonl bash experiments/scaling/grid.sh

@@ -228,40 +228,49 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
     return "\n".join(lines).rstrip() + "\n"
 
 
+def points_along(v: dict, metric: str, axis: str, params: dict[int, int]) -> dict[str, list[tuple]]:
+    """What the figure draws along ``axis`` ("steps" or "width") for ``metric`` under the primary sampler, from
+    :func:`values`' ``v``: ``"gap"``, per grid point with both arms on >= 1 shared seed, ``(x, gap, ci_low, ci_high,
+    n)`` (:func:`eval.tables.compare`; a one-seed point has NaN CI and is drawn hollow, off the line); ``"baseline"``
+    and ``"conprediff"``, per point with that arm, ``(x, mean, SD over seeds)`` (NaN SD for one seed: no bar).
+    x is steps, or UNet parameters (``params``: width -> count)."""
+    from eval.tables import compare
+
+    out: dict[str, list[tuple]] = {"gap": [], "baseline": [], "conprediff": []}
+    for width, steps in axes()[axis]:
+        x = steps if axis == "steps" else params[width]
+        arms = {m: v.get((PRIMARY, metric, width, steps, m), {}) for m in ("baseline", "conprediff")}
+        for method, d in arms.items():
+            if d:
+                out[method].append((x, float(np.mean(list(d.values()))),
+                                    float(np.std(list(d.values()), ddof=1)) if len(d) > 1 else math.nan))
+        if shared := len(set(arms["baseline"]) & set(arms["conprediff"])):
+            c = compare(arms["conprediff"], arms["baseline"])
+            out["gap"].append((x, c.delta, c.ci_low, c.ci_high, shared))
+    return out
+
+
 def figure(records: list[dict], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eval.tables import compare
-
     v = values(records)
     params = {w: unet_parameters(w) for w in WIDTHS}
     fig, ax = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     for row, metric in enumerate(("fd_digits", "confident_digits")):
         for col, axis in enumerate(("steps", "width")):
-            xs_gap, gaps, lows, highs, ns, levels = [], [], [], [], [], {"baseline": [], "conprediff": []}
-            for width, steps in axes()[axis]:
-                x = steps if axis == "steps" else params[width]
-                base = v.get((PRIMARY, metric, width, steps, "baseline"), {})
-                ctx = v.get((PRIMARY, metric, width, steps, "conprediff"), {})
-                for method, d in (("baseline", base), ("conprediff", ctx)):
-                    if d:
-                        levels[method].append((x, np.mean(list(d.values())), np.std(list(d.values()), ddof=1)
-                                               if len(d) > 1 else 0.0))
-                shared = len(set(base) & set(ctx))
-                if shared >= 2:
-                    c = compare(ctx, base)
-                    xs_gap.append(x), gaps.append(c.delta), lows.append(c.ci_low), highs.append(c.ci_high)
-                    ns.append(shared)
+            drawn = points_along(v, metric, axis, params)
             a = ax[row, col]
-            if xs_gap:
-                g = np.array(gaps)
-                a.errorbar(xs_gap, g, yerr=np.nan_to_num(np.clip([g - np.array(lows), np.array(highs) - g], 0, None)),
+            if drawn["gap"]:
+                x, g, low, high, n = (np.array(c) for c in zip(*drawn["gap"]))
+                tested = n >= 2  # a point of one seed: hollow, off the line, no CI (none defined)
+                a.errorbar(x[tested], g[tested], yerr=np.nan_to_num(np.clip([g - low, high - g], 0, None))[:, tested],
                            marker="o", capsize=4)
-                for x, y, n, low in zip(xs_gap, g, ns, lows):  # the seeds behind each point; no CI drawn: none defined
-                    a.annotate(f"n={n}" + (", no CI" if np.isnan(low) else ""), (x, y), xytext=(5, 5),
+                a.plot(x[~tested], g[~tested], "o", mfc="none", color="C0")
+                for xi, gi, ni, li in zip(x, g, n, low):  # the seeds behind each point
+                    a.annotate(f"n={ni}" + (", no CI" if np.isnan(li) else ""), (xi, gi), xytext=(5, 5),
                                textcoords="offset points", fontsize=7)
             else:
                 a.text(0.5, 0.5, "no cell with both arms yet", ha="center", va="center", transform=a.transAxes)
@@ -271,15 +280,17 @@ def figure(records: list[dict], out: Path) -> Path:
             a.set_ylabel(f"{metric}: ConPreDiff - baseline")
             a.set_title(f"gap, paired 95% CI ({PRIMARY})", fontsize=9)
             b = ax[row, col + 2]
-            for method, pts in levels.items():
-                if pts:
+            for method in ("baseline", "conprediff"):
+                if pts := drawn[method]:
                     x, m, s = zip(*pts)
                     b.errorbar(x, m, yerr=s, marker="o", capsize=4, label=method)
+                    for xi, mi in ((xi, mi) for xi, mi, si in pts if math.isnan(si)):
+                        b.annotate("n=1", (xi, mi), xytext=(5, -10), textcoords="offset points", fontsize=7)
             b.set_xscale("log", base=2)
             b.set_xlabel(a.get_xlabel())
             b.set_ylabel(f"{metric} (mean ± SD over seeds)")
             b.set_title(f"each arm's level ({PRIMARY})", fontsize=9)
-            if any(levels.values()):
+            if drawn["baseline"] or drawn["conprediff"]:
                 b.legend(fontsize=8)
     fig.suptitle("Scaling grid, 16x16 digits: proxy metrics from the digits classifier (not FID)")
     out.parent.mkdir(parents=True, exist_ok=True)
