@@ -284,8 +284,9 @@ def figure(records: list[dict], out: Path) -> Path:
                 if pts := drawn[method]:
                     x, m, s = zip(*pts)
                     b.errorbar(x, m, yerr=s, marker="o", capsize=4, label=method)
-                    for xi, mi in ((xi, mi) for xi, mi, si in pts if math.isnan(si)):
-                        b.annotate("n=1", (xi, mi), xytext=(5, -10), textcoords="offset points", fontsize=7)
+                    for xi, mi, si in pts:
+                        if math.isnan(si):  # one seed: no bar, so say so
+                            b.annotate("n=1", (xi, mi), xytext=(5, -10), textcoords="offset points", fontsize=7)
             b.set_xscale("log", base=2)
             b.set_xlabel(a.get_xlabel())
             b.set_ylabel(f"{metric} (mean ± SD over seeds)")
