@@ -141,6 +141,8 @@ def test_the_figure_draws_a_one_seed_grid_point_without_a_ci():
     assert not math.isnan(drawn["gap"][0][2])
     assert drawn["baseline"][2][:2] == (12500, 1.0) and math.isnan(drawn["baseline"][2][2])
     assert drawn["baseline"][0][2] == pytest.approx(1.0)  # SD of 1, 2, 3
+    v[(PRIMARY, "fd_digits", 32, 12500, "baseline")][1] = 100.0  # a seed one arm has yet: not in the gap
+    assert points_along(v, "fd_digits", "steps", {})["gap"][2][1] == pytest.approx(0.5)
     width = points_along(v, "fd_digits", "width", {16: 1, 32: 2, 64: 4})  # x: the given parameter counts
     assert [(x, n) for x, *_, n in width["gap"]] == [(2, 3)] and width["gap"][0][1:] == drawn["gap"][0][1:]
 

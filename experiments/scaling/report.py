@@ -153,7 +153,7 @@ def fmt(x: float, digits: int = 4) -> str:
 
 def render(records: list[dict], records_name: str, curves: Path | None = None) -> str:
     """The table's text; ``curves``: the folder of the runs' training curves (for :func:`continuations`)."""
-    from eval.tables import compare, holm
+    from eval.tables import holm
 
     v = values(records)
     params = {w: unet_parameters(w) for w in WIDTHS}
@@ -200,12 +200,12 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
                 if not base and not ctx:
                     lines.append(f"| {metric} {arrow} | {width} | {steps:,} | not run yet | | | | | |")
                     continue
-                shared = sorted(set(base) & set(ctx))  # the gap pairs seeds: only those both arms have
-                c = compare({k: ctx[k] for k in shared}, {k: base[k] for k in shared}) if shared else None
+                c = paired_gap(base, ctx)
                 cell = lambda d: (f"{np.mean(list(d.values())):.4g} ± {np.std(list(d.values()), ddof=1):.2g}"  # noqa: E731
                                   if len(d) > 1 else (f"{next(iter(d.values())):.4g}" if d else "–"))
                 n = len(set(base) & set(ctx))
-                rel = c.delta / np.mean(list(base.values())) if c and np.mean(list(base.values())) else math.nan
+                paired_base = np.mean([base[k] for k in set(base) & set(ctx)]) if n else math.nan
+                rel = c.delta / paired_base if c and paired_base else math.nan
                 lines.append(f"| {metric} {arrow} | {width} | {steps:,} | {cell(base)} | {cell(ctx)} | "
                              + (f"{c.delta:+.4g} [{fmt(c.ci_low)}, {fmt(c.ci_high)}] | {rel:+.1%} | {fmt(c.p, 2)} | {n} |"
                                 if c else "| | | |"))
@@ -228,14 +228,21 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
     return "\n".join(lines).rstrip() + "\n"
 
 
+def paired_gap(base: dict[int, float], ctx: dict[int, float]):
+    """ConPreDiff - baseline over the seeds both arms have (:func:`eval.tables.compare`, paired), None when none: an
+    arm's extra seeds (one measured before the other) stay out of the gap."""
+    from eval.tables import compare
+
+    shared = sorted(set(base) & set(ctx))
+    return compare({k: ctx[k] for k in shared}, {k: base[k] for k in shared}) if shared else None
+
+
 def points_along(v: dict, metric: str, axis: str, params: dict[int, int]) -> dict[str, list[tuple]]:
     """What the figure draws along ``axis`` ("steps" or "width") for ``metric`` under the primary sampler, from
     :func:`values`' ``v``: ``"gap"``, per grid point with both arms on >= 1 shared seed, ``(x, gap, ci_low, ci_high,
     n)`` (:func:`eval.tables.compare`; a one-seed point has NaN CI and is drawn hollow, off the line); ``"baseline"``
     and ``"conprediff"``, per point with that arm, ``(x, mean, SD over seeds)`` (NaN SD for one seed: no bar).
     x is steps, or UNet parameters (``params``: width -> count)."""
-    from eval.tables import compare
-
     out: dict[str, list[tuple]] = {"gap": [], "baseline": [], "conprediff": []}
     for width, steps in axes()[axis]:
         x = steps if axis == "steps" else params[width]
@@ -244,9 +251,8 @@ def points_along(v: dict, metric: str, axis: str, params: dict[int, int]) -> dic
             if d:
                 out[method].append((x, float(np.mean(list(d.values()))),
                                     float(np.std(list(d.values()), ddof=1)) if len(d) > 1 else math.nan))
-        if shared := len(set(arms["baseline"]) & set(arms["conprediff"])):
-            c = compare(arms["conprediff"], arms["baseline"])
-            out["gap"].append((x, c.delta, c.ci_low, c.ci_high, shared))
+        if c := paired_gap(arms["baseline"], arms["conprediff"]):
+            out["gap"].append((x, c.delta, c.ci_low, c.ci_high, len(set(arms["baseline"]) & set(arms["conprediff"]))))
     return out
 
 
