@@ -52,10 +52,34 @@ def test_scaling_presets_differ_only_where_named():
     assert grid.diffusion.sampler == "ddpm" and grid.diffusion.sampling_steps == 250 and not grid.diffusion.clip_sample
     assert by_name[preset_name(32, 12500, "baseline")].continues == preset_name(32, 5000, "baseline")
     assert by_name[preset_name(64, 2000, "baseline")].run_config(0).model.block_out_channels == (64, 128, 128)
-    assert len(PRESETS) == 10
+    assert len(PRESETS) == 20 and sum(p.scale == "mini" for p in PRESETS) == 10
     # one table cell per (width, budget, arm): eval.tables pools by benchmark, method and steps
     cells = {(p.benchmark, p.method, p.extra["steps"]) for p in PRESETS}
-    assert len(cells) == 10
+    assert len(cells) == 20
+
+
+def test_the_gpu_grid_is_the_mini_gpu_row_scaled():
+    """The mini-gpu grid's width-64, 1,500-step cell trains the unconditional mini-gpu row's model (sampled with
+    DDPM-250); its budgets continue each other; its widths change the channels only."""
+    from core.train import training_config
+    from experiments.scaling import GPU_GRID, PRESETS, preset_name
+    from experiments.scaling.report import effective_ema_decay, unet_parameters
+    from experiments.unconditional import PRESETS as UNCONDITIONAL
+
+    row = {p.name: p for p in UNCONDITIONAL}["mini-gpu-digits32-baseline"].run_config(0)
+    by_name = {p.name: p for p in PRESETS}
+    cell = by_name[preset_name(64, 1500, "baseline", GPU_GRID)]
+    assert cell.scale == "mini-gpu" and cell.benchmark == "digits32/c64"
+    assert {k for k, v in training_config(cell.run_config(0)).items() if training_config(row).get(k) != v} == set()
+    assert cell.run_config(0).diffusion.sampling_steps == 250
+    assert by_name[preset_name(64, 9375, "conprediff", GPU_GRID)].continues == preset_name(64, 3750, "conprediff",
+                                                                                           GPU_GRID)
+    wide = by_name[preset_name(128, 1500, "baseline", GPU_GRID)].run_config(0)
+    assert wide.model.block_out_channels == (128, 256, 256) and wide.model.layers_per_block == 2
+    assert wide.data.resolution == 32 and wide.train.batch_size == 128
+    assert unet_parameters(64, GPU_GRID) == 6_072_065  # the mini-gpu row's 6.07 M (RESULTS.md)
+    # diffusers' EMA warm-up, as the table's header states it: (n) / (9 + n) at the n-th update, capped at 0.999
+    assert effective_ema_decay(0.999, 2000) == pytest.approx(2000 / 2009) and effective_ema_decay(0.999, 12500) == 0.999
 
 def test_trend_is_the_t_test_of_per_seed_slopes():
     """Against a hand computation: slopes by the normal equations, t = mean / (sd / sqrt(n))."""
@@ -112,7 +136,7 @@ def test_report_renders_from_records(tmp_path):
                                  git_commit="x", time="t", train_config_sha256="a", weights_sha256="b", overrides={}))
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    table, fig = write(path, tmp_path)
+    table, fig, gpu_table, gpu_fig = write(path, tmp_path)  # the mini-gpu grid has records too: its own table
     from eval.tables import write_tables
 
     write_tables(path, tmp_path / "all-tables")  # the other tables and the verdicts list take these records too
@@ -123,6 +147,10 @@ def test_report_renders_from_records(tmp_path):
     assert fig.exists() and fig.stat().st_size > 10_000
     # the gap falls with the budget: a negative slope per doubling on both axes' fd_digits rows
     assert "Trend along steps" in text and "| fd_digits | -0.3495 [-0.7532, 0.05421] | 0.058 |" in text
+    assert "digits32" not in text and gpu_table.name == "scaling-mini-gpu.md" and gpu_fig.exists()
+    gpu = gpu_table.read_text()
+    assert "(32x32 digits, mini-gpu)" in gpu and "effective decay 0.994 at 1,500 steps, 0.9976 at 3,750, 0.999 at 9,375" in gpu
+    assert "| fd_digits ↓ | 64 | 9,375 |" in gpu and "| fd_digits ↓ | 128 | 1,500 |" in gpu and "12,500" not in gpu
 
 
 def test_the_figure_draws_a_one_seed_grid_point_without_a_ci():

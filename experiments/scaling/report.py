@@ -25,10 +25,10 @@ from scipy import stats
 from eval.metric_specs import higher_is_better
 from eval.records import RECORDS, ROOT, load_records, records_home
 
-from . import PRESETS, STEPS, WIDTHS
+from . import GRID_OF, GRIDS, MINI_GRID, PRESETS, Grid, preset_name
 
 PRIMARY, SECONDARY = "ddpm-250-noclip", "ddim-50-noclip"
-TABLE, FIGURE = "scaling.md", "scaling.png"  # under tables/ and figures/
+TABLE, FIGURE = f"{MINI_GRID.table}.md", f"{MINI_GRID.table}.png"  # the CPU grid's, under tables/ and figures/
 METRICS = ("fd_digits", "kid_digits", "confident_digits", "precision_digits", "recall_digits", "fd_context_s123")
 CELLS = {p.name: (p.extra["width"], p.extra["steps"], p.method) for p in PRESETS}
 
@@ -70,20 +70,20 @@ def trend(gaps: dict[int, dict[float, float]], confidence: float = 0.95) -> Tren
     return Trend(float(slopes.mean()), float(ci.low), float(ci.high), float(res.pvalue), seeds, points)
 
 
-def unet_parameters(width: int) -> int:
-    """Parameters of the scaling grid's UNet at ``width`` (the UNet alone: the context decoder is dropped after
-    training)."""
+def unet_parameters(width: int, grid: Grid = MINI_GRID) -> int:
+    """Parameters of ``grid``'s UNet at ``width`` (the UNet alone: the context decoder is dropped after training)."""
     from core.models import build_unet
 
-    cfg = next(p for p in PRESETS if p.extra["width"] == width).run_config(0)
+    cfg = next(p for p in PRESETS if GRID_OF[p.name] is grid and p.extra["width"] == width).run_config(0)
     return sum(p.numel() for p in build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).parameters())
 
 
-def values(records: list[dict]) -> dict:
-    """``{(sampler, metric, width, steps, method): {seed: value}}`` of the current, non-overridden scaling records."""
+def values(records: list[dict], grid: Grid = MINI_GRID) -> dict:
+    """``{(sampler, metric, width, steps, method): {seed: value}}`` of ``grid``'s current, non-overridden records."""
     out: dict = {}
     for r in records:
-        if r["experiment"] != "scaling" or r.get("superseded") or r.get("overrides") or r["preset"] not in CELLS:
+        if (r["experiment"] != "scaling" or r.get("superseded") or r.get("overrides") or r["preset"] not in CELLS
+                or GRID_OF[r["preset"]] is not grid):
             continue
         width, steps, method = CELLS[r["preset"]]
         if r["checkpoint"] != steps:
@@ -92,15 +92,16 @@ def values(records: list[dict]) -> dict:
     return out
 
 
-def axes() -> dict[str, list[tuple[int, int]]]:
-    """The two axes as lists of (width, steps) grid points."""
-    return {"steps": [(32, s) for s in STEPS], "width": [(w, 2000) for w in WIDTHS]}
+def axes(grid: Grid = MINI_GRID) -> dict[str, list[tuple[int, int]]]:
+    """``grid``'s two axes as lists of (width, steps) grid points."""
+    return {"steps": [(grid.width, s) for s in grid.steps], "width": [(w, grid.steps[0]) for w in grid.widths]}
 
 
-def gaps_along(v: dict, sampler: str, metric: str, axis: str, params: dict[int, int]) -> dict[int, dict[float, float]]:
+def gaps_along(v: dict, sampler: str, metric: str, axis: str, params: dict[int, int],
+               grid: Grid = MINI_GRID) -> dict[int, dict[float, float]]:
     """``{seed: {x: ConPreDiff - baseline}}`` along ``axis`` (x: steps, or the width's UNet parameters)."""
     out: dict[int, dict[float, float]] = {}
-    for width, steps in axes()[axis]:
+    for width, steps in axes(grid)[axis]:
         base, ctx = v.get((sampler, metric, width, steps, "baseline"), {}), v.get((sampler, metric, width, steps, "conprediff"), {})
         for seed in set(base) & set(ctx):
             out.setdefault(seed, {})[steps if axis == "steps" else params[width]] = ctx[seed] - base[seed]
@@ -120,7 +121,7 @@ class Continuation:
     max_rel_diff: float
 
 
-def continuations(curves: Path) -> list[Continuation]:
+def continuations(curves: Path, grid: Grid = MINI_GRID) -> list[Continuation]:
     """Each continued run of the length axis whose curve and its shorter run's curve are both in ``curves``
     (``<records home>/results/curves/scaling/<run>.jsonl``, kept by the runner). A longer run's ``stats.jsonl`` starts
     with the rows of the run it continued (:func:`experiments.runs.continue_from`); when that run was retrained (its
@@ -129,14 +130,12 @@ def continuations(curves: Path) -> list[Continuation]:
     on the same seed's draws a day later: its trajectory is 1% apart by step 100)."""
     from core.runlog import read_jsonl, run_name, split_run_name
 
-    from . import preset_name
-
     out = []
-    for shorter, longer in zip(STEPS, STEPS[1:]):
+    for shorter, longer in zip(grid.steps, grid.steps[1:]):
         for method in ("baseline", "conprediff"):
-            for path in sorted(curves.glob(f"{preset_name(32, longer, method)}-s*.jsonl")):
+            for path in sorted(curves.glob(f"{preset_name(grid.width, longer, method, grid)}-s*.jsonl")):
                 seed = split_run_name(path.stem)[1]
-                short = curves / f"{run_name(preset_name(32, shorter, method), seed)}.jsonl"
+                short = curves / f"{run_name(preset_name(grid.width, shorter, method, grid), seed)}.jsonl"
                 if not short.exists():
                     continue
                 a = {r["step"]: r["loss"] for r in read_jsonl(short)}
@@ -151,30 +150,44 @@ def fmt(x: float, digits: int = 4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def render(records: list[dict], records_name: str, curves: Path | None = None) -> str:
-    """The table's text; ``curves``: the folder of the runs' training curves (for :func:`continuations`)."""
+def effective_ema_decay(decay: float, step: int) -> float:
+    """The decay diffusers' ``EMAModel`` (as ``core.train`` builds it: ``decay``, default warm-up) applies at its
+    ``step``-th update, asked of diffusers itself (``EMAModel.get_decay``: min(decay, step / (9 + step)))."""
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay).get_decay(step)
+
+
+def render(records: list[dict], records_name: str, curves: Path | None = None, grid: Grid = MINI_GRID) -> str:
+    """``grid``'s table text; ``curves``: the folder of the runs' training curves (for :func:`continuations`)."""
     from eval.tables import holm
 
-    v = values(records)
-    params = {w: unet_parameters(w) for w in WIDTHS}
+    v = values(records, grid)
+    params = {w: unet_parameters(w, grid) for w in grid.widths}
+    decay = grid.base["train"]["ema_decay"]
+    longer = [f"{s:,}" for s in grid.steps[1:]]
+    ema = ", ".join(f"{effective_ema_decay(decay, s):.4g} at {s:,}" + (" steps" if i == 0 else "")
+                    for i, s in enumerate(grid.steps))
     lines = [
-        "# Scaling: the ConPreDiff - baseline gap across training length and width (16x16 digits, mini)",
+        f"# Scaling: the ConPreDiff - baseline gap across training length and width ({grid.title})",
         "",
         f"Generated by `python -m experiments.scaling.report` from `{records_name}`; do not edit. Proxy metrics from "
-        "this repository's digits classifier (never FID). Both arms paired by training seed; the 5,000- and "
-        "12,500-step runs continue the shorter run of their arm and seed (constant LR after warm-up: the same model "
-        "as training straight there, tested; whether it continued the recorded shorter model is shown below). EMA 0.999 with diffusers' warm-up: effective decay 0.9955 at 2,000 steps, 0.9982 at "
-        "5,000, 0.999 at 12,500.",
+        f"this repository's digits classifier (never FID). Both arms paired by training seed; the {longer[0]}- and "
+        f"{longer[1]}-step runs continue the shorter run of their arm and seed (constant LR after warm-up: the same model "
+        "as training straight there, tested; whether it continued the recorded shorter model is shown below). "
+        f"EMA {decay} with diffusers' warm-up: effective decay {ema}.",
         "",
         f"**{PRIMARY} decides** (the primary protocol, chosen before the grid ran for its power: SPEC section 6); "
         f"{SECONDARY} is shown beside it. Gap: paired t-test by seed, 95% CI. Trend: per seed, the least-squares slope "
         "of the gap against log2(steps) or log2(parameters); one-sample t-test of those slopes (H0: no trend), Holm "
         "over the metrics of one sampler and axis. A slope of the opposite sign to the gap means the gap shrinks.",
         "",
-        "UNet parameters: " + ", ".join(f"width {w} ({', '.join(map(str, WIDTHS[w]))}): {params[w]:,}" for w in WIDTHS),
+        "UNet parameters: " + ", ".join(f"width {w} ({', '.join(map(str, c))}): {params[w]:,}"
+                                        for w, c in grid.widths.items()),
         "",
     ]
-    cont = continuations(curves) if curves is not None and curves.is_dir() else []
+    cont = continuations(curves, grid) if curves is not None and curves.is_dir() else []
     if cont:
         lines += ["Each continued run against the recorded shorter run of its arm and seed (their logged training loss, "
                   "every 50 steps up to the shorter budget). 0: it continues the recorded run bit for bit. Otherwise "
@@ -194,7 +207,7 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
                   "|---|---|---|---|---|---|---|---|---|"]
         for metric in METRICS:
             arrow = "↑" if higher_is_better(metric) else "↓"
-            for width, steps in [(32, s) for s in STEPS] + [(w, 2000) for w in WIDTHS if w != 32]:
+            for width, steps in axes(grid)["steps"] + [p for p in axes(grid)["width"] if p[0] != grid.width]:
                 base = v.get((sampler, metric, width, steps, "baseline"), {})
                 ctx = v.get((sampler, metric, width, steps, "conprediff"), {})
                 if not base and not ctx:
@@ -211,10 +224,10 @@ def render(records: list[dict], records_name: str, curves: Path | None = None) -
                                 if c else "| | | |"))
         lines.append("")
         for axis, unit in (("steps", "log2(steps)"), ("width", "log2(UNet parameters)")):
-            trends = {m: trend(gaps_along(v, sampler, m, axis, params)) for m in METRICS}
+            trends = {m: trend(gaps_along(v, sampler, m, axis, params, grid)) for m in METRICS}
             adjusted = dict(zip(METRICS, holm([trends[m].p for m in METRICS])))
-            points = ", ".join(f"{s:,}" if axis == "steps" else f"{params[w]:,}" for w, s in axes()[axis])
-            width_of = {params[w]: w for w in WIDTHS}
+            points = ", ".join(f"{s:,}" if axis == "steps" else f"{params[w]:,}" for w, s in axes(grid)[axis])
+            width_of = {params[w]: w for w in grid.widths}
             lines += [f"Trend along {axis} ({points}): slope of the gap per doubling ({unit}). Fitted on the points "
                       "that the most seeds have all of: a point with fewer seeds than the others joins once it has "
                       "as many.", "",
@@ -237,14 +250,15 @@ def paired_gap(base: dict[int, float], ctx: dict[int, float]):
     return compare({k: ctx[k] for k in shared}, {k: base[k] for k in shared}) if shared else None
 
 
-def points_along(v: dict, metric: str, axis: str, params: dict[int, int]) -> dict[str, list[tuple]]:
+def points_along(v: dict, metric: str, axis: str, params: dict[int, int],
+                 grid: Grid = MINI_GRID) -> dict[str, list[tuple]]:
     """What the figure draws along ``axis`` ("steps" or "width") for ``metric`` under the primary sampler, from
     :func:`values`' ``v``: ``"gap"``, per grid point with both arms on >= 1 shared seed, ``(x, gap, ci_low, ci_high,
     n)`` (:func:`eval.tables.compare`; a one-seed point has NaN CI and is drawn hollow, off the line); ``"baseline"``
     and ``"conprediff"``, per point with that arm, ``(x, mean, SD over seeds)`` (NaN SD for one seed: no bar).
     x is steps, or UNet parameters (``params``: width -> count)."""
     out: dict[str, list[tuple]] = {"gap": [], "baseline": [], "conprediff": []}
-    for width, steps in axes()[axis]:
+    for width, steps in axes(grid)[axis]:
         x = steps if axis == "steps" else params[width]
         arms = {m: v.get((PRIMARY, metric, width, steps, m), {}) for m in ("baseline", "conprediff")}
         for method, d in arms.items():
@@ -256,18 +270,18 @@ def points_along(v: dict, metric: str, axis: str, params: dict[int, int]) -> dic
     return out
 
 
-def figure(records: list[dict], out: Path) -> Path:
+def figure(records: list[dict], out: Path, grid: Grid = MINI_GRID) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    v = values(records)
-    params = {w: unet_parameters(w) for w in WIDTHS}
+    v = values(records, grid)
+    params = {w: unet_parameters(w, grid) for w in grid.widths}
     fig, ax = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     for row, metric in enumerate(("fd_digits", "confident_digits")):
         for col, axis in enumerate(("steps", "width")):
-            drawn = points_along(v, metric, axis, params)
+            drawn = points_along(v, metric, axis, params, grid)
             a = ax[row, col]
             if drawn["gap"]:
                 x, g, low, high, n = (np.array(c) for c in zip(*drawn["gap"]))
@@ -282,7 +296,8 @@ def figure(records: list[dict], out: Path) -> Path:
                 a.text(0.5, 0.5, "no cell with both arms yet", ha="center", va="center", transform=a.transAxes)
             a.axhline(0, color="grey", lw=0.8)
             a.set_xscale("log", base=2)
-            a.set_xlabel("training steps (width 32)" if axis == "steps" else "UNet parameters (2,000 steps)")
+            a.set_xlabel(f"training steps (width {grid.width})" if axis == "steps"
+                         else f"UNet parameters ({grid.steps[0]:,} steps)")
             a.set_ylabel(f"{metric}: ConPreDiff - baseline")
             a.set_title(f"gap, paired 95% CI ({PRIMARY})", fontsize=9)
             b = ax[row, col + 2]
@@ -299,7 +314,7 @@ def figure(records: list[dict], out: Path) -> Path:
             b.set_title(f"each arm's level ({PRIMARY})", fontsize=9)
             if drawn["baseline"] or drawn["conprediff"]:
                 b.legend(fontsize=8)
-    fig.suptitle("Scaling grid, 16x16 digits: proxy metrics from the digits classifier (not FID)")
+    fig.suptitle(f"Scaling grid, {grid.title}: proxy metrics from the digits classifier (not FID)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, metadata={"Software": None})
     plt.close(fig)
@@ -307,12 +322,20 @@ def figure(records: list[dict], out: Path) -> Path:
 
 
 def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
+    """``tables/<grid.table>.md`` and ``figures/<grid.table>.png`` under ``out_dir`` for the CPU grid, and for each
+    other grid (:data:`experiments.scaling.GRIDS`) that has records; returns the paths written."""
     records = load_records(records_path)
     shown = records_path.resolve().relative_to(ROOT) if records_path.resolve().is_relative_to(ROOT) else records_path
-    table = out_dir / "tables" / TABLE
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(render(records, str(shown), records_home(records_path) / "results" / "curves" / "scaling"))
-    return [table, figure(records, out_dir / "figures" / FIGURE)]
+    curves = records_home(records_path) / "results" / "curves" / "scaling"
+    written = []
+    for grid in GRIDS.values():
+        if grid is not MINI_GRID and not values(records, grid):
+            continue
+        table = out_dir / "tables" / f"{grid.table}.md"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(render(records, str(shown), curves, grid))
+        written += [table, figure(records, out_dir / "figures" / f"{grid.table}.png", grid)]
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
