@@ -80,8 +80,6 @@ GPU_GRID = Grid("mini-gpu", "mini-gpu-digits32-scaling", "digits32", GPU32,
                 widths={32: [32, 64, 64], 64: [64, 128, 128], 128: [128, 256, 256]}, steps=(1500, 3750, 9375),
                 width=64, table="scaling-mini-gpu", title="32x32 digits, mini-gpu")
 GRIDS = {g.scale: g for g in (MINI_GRID, GPU_GRID)}
-# The CPU grid's names, kept for the callers that predate the GPU grid.
-WIDTHS, STEPS = MINI_GRID.widths, MINI_GRID.steps
 
 
 def preset_name(width: int, steps: int, method: str, grid: Grid = MINI_GRID) -> str:

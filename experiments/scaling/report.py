@@ -1,8 +1,10 @@
-"""The scaling table and figure from the records: ``tables/scaling.md`` and ``figures/scaling.png``.
+"""The scaling tables and figures from the records, one pair per grid (:data:`experiments.scaling.GRIDS`):
+``tables/scaling.md`` and ``figures/scaling.png`` for the CPU grid (16x16), ``tables/scaling-mini-gpu.md`` and
+``figures/scaling-mini-gpu.png`` for the mini-gpu grid (32x32) once it has records.
 
 Per cell (width, steps) and sampler: each arm's mean ± SD over training seeds, the paired gap ConPreDiff - baseline
 with its 95% CI and p (:func:`eval.tables.compare`: paired t-test by seed). Per axis (training length at the mini
-width; width at 2,000 steps), the **trend test** (:func:`trend`): for every seed measured at every point of the
+width; width at the shortest budget), the **trend test** (:func:`trend`): for every seed measured at every point of the
 axis, the least-squares slope of its gap against log2(x) (x = steps, or UNet parameters); then a one-sample t-test of
 those per-seed slopes against 0 (``scipy.stats.ttest_1samp``), two-sided, with the 95% CI of the mean slope. A
 negative slope on a lower-is-better metric (``fd_digits``) means the gap shrinks as x doubles. Holm's adjustment
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=Path, default=RECORDS)
     ap.add_argument("--out-dir", type=Path, default=ROOT, help="writes <out-dir>/tables/scaling.md and "
-                    "<out-dir>/figures/scaling.png")
+                    "<out-dir>/figures/scaling.png (and scaling-mini-gpu.* once that grid has records)")
     args = ap.parse_args(argv)
     for path in write(args.records, args.out_dir):
         print(path)
