@@ -74,5 +74,6 @@ def test_the_write_up_quotes_its_tables_as_they_stand(doc):
     """README's and RESULTS' summaries (the scaling paragraph, and the unconditional, backbone, inpainting, decoder,
     text-to-image and readings lines) are marked, and every number in them is printed by the tables they name."""
     marked = [tables for _, tables, _ in spans((ROOT / doc).read_text())]
-    assert ("tables/scaling.md",) in marked and ("tables/unconditional.md",) in marked and len(marked) >= 5, marked
+    assert any("tables/scaling.md" in t for t in marked) and ("tables/unconditional.md",) in marked, marked
+    assert len(marked) >= 5, marked
     assert [str(s) for s in stale_numbers(ROOT / doc, root=ROOT)] == []
