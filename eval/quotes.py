@@ -4,7 +4,9 @@
     python -m eval.quotes NOTES.md             # any markdown file
 
 A span of prose opens with ``<!-- numbers from tables/a.md[, tables/b.md] -->`` and closes with
-``<!-- /numbers -->`` (HTML comments: invisible when the markdown is rendered). Every decimal number inside
+``<!-- /numbers -->`` (HTML comments: invisible when the markdown is rendered; the opening one goes inside a line,
+after its first word, since a line that starts with ``<!--`` is an HTML block to CommonMark and GitHub, which would
+print the rest of that line raw). Every decimal number inside
 the span (``+0.74``, ``−0.045``, ``0.0093``, ``-20.0%``) must be a rounding of some number printed in the named
 tables, at the number of decimals the prose gives it and with its sign; a number followed by `` M`` is read in
 millions (``4.17 M`` quotes ``4,170,177``). Whole numbers (steps, seeds, minutes) are not checked, nor numbers
@@ -77,6 +79,9 @@ def spans(text: str) -> list[tuple[int, tuple[str, ...], str]]:
         if end is None:
             raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' is never closed "
                              "by '<!-- /numbers -->'")
+        if m.start() == 0 or text[m.start() - 1] == "\n":
+            raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' starts its line, which makes "
+                             "the line an HTML block (rendered raw): put it after the line's first word")
         body = text[m.end():end.start()]
         if OPEN.search(body):
             raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: a numbers span opens inside another")

@@ -31,7 +31,7 @@ def write(tmp_path, prose: str) -> Path:
 
 def test_a_number_its_table_does_not_print_is_found_with_its_line(tmp_path):
     doc = write(tmp_path, "Intro 0.421 outside any span is not checked.\n"
-                          "<!-- numbers from tables/t.md -->The gap is +0.74 [0.37, 1.12] (p = 0.014),\n"
+                          "Here <!-- numbers from tables/t.md -->the gap is +0.74 [0.37, 1.12] (p = 0.014),\n"
                           "−0.045 [−0.063, −0.026] (p = 0.0093) at 4.17 M and 1.05 M parameters, EMA 0.9955, "
                           "−80.2% at 12,500 steps over 3 seeds;\n"
                           "stale: +0.75, 0.045 (sign dropped), 0.74 M, 1.044 M, 0.0094.<!-- /numbers -->\n")
@@ -46,15 +46,16 @@ def test_a_half_way_number_may_round_either_way(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "t.md").write_text("| x |\n|---|\n| 0.0125 |\n")
     doc = tmp_path / "D.md"
-    doc.write_text("<!-- numbers from tables/t.md -->0.013, 0.012 and 0.011<!-- /numbers -->")
+    doc.write_text("Quoted <!-- numbers from tables/t.md -->0.013, 0.012 and 0.011<!-- /numbers -->")
     assert [s.number for s in stale_numbers(doc, root=tmp_path)] == ["0.011"]
 
 
 @pytest.mark.parametrize("prose, message", [
-    ("<!-- numbers from tables/t.md -->+0.74", "never closed"),
-    ("<!-- numbers from tables/t.md -->+0.74<!-- numbers from tables/t.md --><!-- /numbers -->", "inside another"),
+    ("A <!-- numbers from tables/t.md -->+0.74", "never closed"),
+    ("A <!-- numbers from tables/t.md -->+0.74<!-- numbers from tables/t.md --><!-- /numbers -->", "inside another"),
     ("+0.74<!-- /numbers -->", "closes no span"),
-    ("<!-- numbers from tables/gone.md -->+0.74<!-- /numbers -->", "tables/gone.md, which does not exist"),
+    ("A <!-- numbers from tables/gone.md -->+0.74<!-- /numbers -->", "tables/gone.md, which does not exist"),
+    ("- A\n<!-- numbers from tables/t.md -->- B +0.74<!-- /numbers -->", "line 2: .* starts its line"),
 ])
 def test_a_malformed_span_is_one_clear_error(tmp_path, prose, message):
     with pytest.raises(QuoteError, match=message):
@@ -62,9 +63,9 @@ def test_a_malformed_span_is_one_clear_error(tmp_path, prose, message):
 
 
 def test_the_cli_exits_1_listing_each_stale_number(tmp_path, capsys):
-    good = write(tmp_path, "<!-- numbers from tables/t.md -->+0.74<!-- /numbers -->")
+    good = write(tmp_path, "Gap <!-- numbers from tables/t.md -->+0.74<!-- /numbers -->")
     assert main([str(good), "--root", str(tmp_path)]) == 0
-    good.write_text("<!-- numbers from tables/t.md -->+0.76<!-- /numbers -->")
+    good.write_text("Gap <!-- numbers from tables/t.md -->+0.76<!-- /numbers -->")
     assert main([str(good), "--root", str(tmp_path)]) == 1
     assert "+0.76 is in none of tables/t.md" in capsys.readouterr().out
 
