@@ -20,7 +20,7 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 
 from .records import ROOT
@@ -29,8 +29,12 @@ OPEN = re.compile(r"<!--\s*numbers from\s+(?P<tables>[^>]+?)\s*-->")
 CLOSE = re.compile(r"<!--\s*/numbers\s*-->")
 # a number not inside a word or another number: "+0.74", "−0.045", "1,045,729", "1.7e-06", "4.17 M"
 TOKEN = r"[+\-−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+\-]?\d+)?"
-NUMBER = re.compile(rf"(?<![\w.]){TOKEN}")
-QUOTED = re.compile(rf"(?<![\w.])(?P<number>{TOKEN})(?P<millions>\s?M\b)?(?![\w]|\.\d)")
+# a number may touch "_" (emphasis), "x" or "×" (a ratio) and "%", but not other letters or digits
+NUMBER = re.compile(rf"(?<![A-Za-z0-9.]){TOKEN}(?P<millions>\s?M\b)?")
+QUOTED = re.compile(rf"(?<![A-Za-z0-9.])(?P<number>{TOKEN})(?P<millions>\s?M\b)?(?![A-Za-wyz0-9]|\.\d)")
+# where an opening marker would start an HTML block (rendered raw): first on its line after up to 3 spaces, or
+# first in a list item or a block quote
+BLOCK_START = re.compile(r"(?:^|\n)[ ]{0,3}(?:(?:[-+*]|\d+[.)]|>)[ ]*)*$")
 
 
 class QuoteError(ValueError):
@@ -55,8 +59,10 @@ def _decimal(token: str) -> Decimal:
 
 
 def table_numbers(text: str) -> list[Decimal]:
-    """Every number printed in a table file (its prose too: the EMA decays, the parameter counts)."""
-    return [_decimal(m.group(0)) for m in NUMBER.finditer(text)]
+    """Every number printed in a table file (its prose too: the EMA decays, the parameter counts); one printed in
+    millions (``1.05 M``) is read as the count it stands for."""
+    return [_decimal(m.group(0)[:m.start("millions") - m.start()] if m.group("millions") else m.group(0))
+            .scaleb(6 if m.group("millions") else 0) for m in NUMBER.finditer(text)]
 
 
 def rounds_to(quoted: str, numbers: list[Decimal], millions: bool = False) -> bool:
@@ -66,8 +72,11 @@ def rounds_to(quoted: str, numbers: list[Decimal], millions: bool = False) -> bo
     step = Decimal(1).scaleb(q.as_tuple().exponent)
     for y in numbers:
         y = y.scaleb(-6) if millions else y
-        if any(y.quantize(step, rounding=r) == q for r in (ROUND_HALF_UP, ROUND_HALF_EVEN)):
-            return True
+        try:
+            if any(y.quantize(step, rounding=r) == q for r in (ROUND_HALF_UP, ROUND_HALF_EVEN)):
+                return True
+        except InvalidOperation:  # too large to round to these decimals: not this number
+            continue
     return False
 
 
@@ -75,11 +84,13 @@ def spans(text: str) -> list[tuple[int, tuple[str, ...], str]]:
     """The marked spans of ``text``: (line of the opening marker, the tables named, the prose between)."""
     out, pos = [], 0
     while (m := OPEN.search(text, pos)) is not None:
+        if stray := CLOSE.search(text, pos, m.start()):
+            raise QuoteError(f"line {text.count(chr(10), 0, stray.start()) + 1}: a '<!-- /numbers -->' closes no span")
         end = CLOSE.search(text, m.end())
         if end is None:
             raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' is never closed "
                              "by '<!-- /numbers -->'")
-        if m.start() == 0 or text[m.start() - 1] == "\n":
+        if BLOCK_START.search(text[max(0, m.start() - 200):m.start()]) or m.start() == 0:
             raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' starts its line, which makes "
                              "the line an HTML block (rendered raw): put it after the line's first word")
         body = text[m.end():end.start()]
@@ -122,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", type=Path, default=[ROOT / "README.md", ROOT / "RESULTS.md"])
     parser.add_argument("--root", type=Path, default=ROOT, help="the folder the spans' table paths are relative to")
     args = parser.parse_args(argv)
-    stale = [s for f in args.files for s in stale_numbers(f, args.root)]
+    try:
+        stale = [s for f in args.files for s in stale_numbers(f, args.root)]
+    except (QuoteError, OSError) as e:
+        parser.error(str(e))
     for s in stale:
         print(s)
     return 1 if stale else 0

@@ -56,6 +56,10 @@ def test_a_half_way_number_may_round_either_way(tmp_path):
     ("+0.74<!-- /numbers -->", "closes no span"),
     ("A <!-- numbers from tables/gone.md -->+0.74<!-- /numbers -->", "tables/gone.md, which does not exist"),
     ("- A\n<!-- numbers from tables/t.md -->- B +0.74<!-- /numbers -->", "line 2: .* starts its line"),
+    ("- <!-- numbers from tables/t.md -->B +0.74<!-- /numbers -->", "starts its line"),  # first in a list item
+    ("A\n  > <!-- numbers from tables/t.md -->B +0.74<!-- /numbers -->", "starts its line"),  # first in a quote
+    ("A <!-- number from tables/t.md -->0.99<!-- /numbers --> B <!-- numbers from tables/t.md -->+0.74"
+     "<!-- /numbers -->", "line 1: a .* closes no span"),  # a mistyped opener ahead of a good span
 ])
 def test_a_malformed_span_is_one_clear_error(tmp_path, prose, message):
     with pytest.raises(QuoteError, match=message):
@@ -78,3 +82,20 @@ def test_the_write_up_quotes_its_tables_as_they_stand(doc):
     assert any("tables/scaling.md" in t for t in marked) and ("tables/unconditional.md",) in marked, marked
     assert len(marked) >= 5, marked
     assert [str(s) for s in stale_numbers(ROOT / doc, root=ROOT)] == []
+
+
+def test_emphasis_ratios_millions_and_huge_numbers(tmp_path):
+    """_0.99_ and 9.9x are numbers too; a table's own "1.05 M" is quoted as 1.05 M; a huge table number is no crash."""
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("| x |\n|---|\n| 1.05 M params | 2.44x | 1e30 | 0.5 |\n")
+    doc = tmp_path / "D.md"
+    doc.write_text("Quoted <!-- numbers from tables/t.md -->1.05 M, 2.44×, _0.5_, _+0.99_, __0.98__, 9.9x"
+                   "<!-- /numbers -->")
+    assert [s.number for s in stale_numbers(doc, root=tmp_path)] == ["+0.99", "0.98", "9.9"]
+
+
+def test_the_cli_says_a_malformed_span_in_one_line(tmp_path, capsys):
+    doc = write(tmp_path, "A <!-- numbers from tables/t.md -->+0.74")
+    with pytest.raises(SystemExit) as e:
+        main([str(doc), "--root", str(tmp_path)])
+    assert e.value.code == 2 and "never closed" in capsys.readouterr().err

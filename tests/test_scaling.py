@@ -209,7 +209,11 @@ def test_the_table_says_whether_a_continued_run_continues_the_recorded_one(tmp_p
     got = {c.seed: c for c in continuations(curves)}
     assert set(got) == {0, 1, 2} and all(c.compared == 40 and c.shorter == 2000 for c in got.values())
     assert got[0].max_rel_diff == 0 and got[1].max_rel_diff == pytest.approx(3e-7) and got[2].max_rel_diff == pytest.approx(0.5)
-    (tmp_path / "records.jsonl").write_text("")
+    rec = dict(experiment="scaling", benchmark="digits16/c32", method="baseline", scale="mini",
+               preset=preset_name(32, 2000, "baseline"), seed=0, metric="fd_digits", value=1.0, n_samples=1000,
+               checkpoint=2000, ema=True, sampler="ddpm-250-noclip", reference="r", backend="b", git_commit="x",
+               time="t", overrides={})
+    (tmp_path / "records.jsonl").write_text(json.dumps(rec) + "\n")
     table, _ = write(tmp_path / "records.jsonl", tmp_path)
     assert "| baseline | 1 | 5,000 | 2,000 | 40 | 3e-07 |" in table.read_text()
 
@@ -242,3 +246,27 @@ def test_a_continued_run_says_when_the_run_it_continues_is_retrained(tmp_path):
 
     (ckpt / DONE_MARKER).touch()
     assert measured_models_gone("scaling", tasks, configs, "mini", records, tmp_path / "runs", {short.name: 2000})[1] == []
+
+
+def test_the_report_writes_beside_the_records_it_reads(tmp_path):
+    """A look at another records file (a device call's output) writes its grids' tables beside it, never the committed
+    ones; a grid without records gets no table; a mistyped path is an error, not an empty grid."""
+    import json
+
+    from experiments.scaling import GPU_GRID, preset_name
+    from experiments.scaling.report import main, write
+
+    rec = dict(experiment="scaling", benchmark="digits32/c64", method="baseline", scale="mini-gpu",
+               preset=preset_name(64, 1500, "baseline", GPU_GRID), seed=0, metric="fd_digits", value=1.0,
+               n_samples=1000, checkpoint=1500, ema=True, sampler="ddpm-250-noclip", reference="r", backend="b",
+               git_commit="x", time="t", overrides={})
+    records = tmp_path / "out" / "records.jsonl"
+    records.parent.mkdir()
+    records.write_text(json.dumps(rec) + "\n")
+    written = write(records)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "out/tables/scaling-mini-gpu.md", "out/figures/scaling-mini-gpu.png"]
+    with pytest.raises(FileNotFoundError, match="no such records file"):
+        write(tmp_path / "typo.jsonl")
+    with pytest.raises(SystemExit):
+        main(["--records", str(tmp_path / "typo.jsonl")])

@@ -29,7 +29,8 @@ The whole grid is about 10 hours of 2 CPU cores (``grid.sh`` gives each cell's m
 batch): 1,500, 3,750 and 9,375 steps at width 64 (6.07 M parameters) and widths 32, 64, 128 (1.52 M, 6.07 M, 24.3 M)
 at 1,500 steps, for a GPU (not run yet)::
 
-    python -m experiments.scaling --scale mini-gpu --seeds 0,1,2 --jobs 12     # tables/scaling-mini-gpu.md
+    python -m experiments.scaling --scale mini-gpu --seeds 0,1,2 --jobs 12
+    python -m experiments.scaling.report     # then also writes tables/scaling-mini-gpu.md and figures/scaling-mini-gpu.png
 
 ``experiments/scaling/gpu_call.sh`` runs its cells in 10-minute device calls that resume, with the steps to merge its
 records here (``python -m eval.records merge``).

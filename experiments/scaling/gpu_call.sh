@@ -23,7 +23,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/scaling-gpu}
-R=${RUNS:-/tmp/scaling-gpu}
+# the smoke call keeps its own runs folder and records: a later real call must not skip what smoke recorded
+if [ "${TINY:-0}" = 1 ]; then R=${RUNS:-/tmp/scaling-gpu-smoke}; else R=${RUNS:-/tmp/scaling-gpu}; fi
 LIMIT=${LIMIT:-540}
 mkdir -p "$OUT" "$R"
 [ -f .whl/setup.sh ] && . .whl/setup.sh

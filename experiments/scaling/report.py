@@ -323,15 +323,24 @@ def figure(records: list[dict], out: Path, grid: Grid = MINI_GRID) -> Path:
     return out
 
 
-def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
-    """``tables/<grid.table>.md`` and ``figures/<grid.table>.png`` under ``out_dir`` for the CPU grid, and for each
-    other grid (:data:`experiments.scaling.GRIDS`) that has records; returns the paths written."""
+def write(records_path: Path = RECORDS, out_dir: Path | None = None) -> list[Path]:
+    """``tables/<grid.table>.md`` and ``figures/<grid.table>.png`` for each grid (:data:`experiments.scaling.GRIDS`)
+    that has records in ``records_path``; returns the paths written. ``out_dir`` defaults to the records' home
+    (:func:`eval.records.records_home`: the repository for the committed records, else the records file's folder),
+    so a look at another records file (a device call's output, a pilot) never rewrites the committed tables.
+
+    Raises:
+        FileNotFoundError: ``records_path`` does not exist (a mistyped path is not an empty grid).
+    """
+    if not Path(records_path).is_file():
+        raise FileNotFoundError(f"{records_path}: no such records file")
+    out_dir = records_home(records_path) if out_dir is None else out_dir
     records = load_records(records_path)
     shown = records_path.resolve().relative_to(ROOT) if records_path.resolve().is_relative_to(ROOT) else records_path
     curves = records_home(records_path) / "results" / "curves" / "scaling"
     written = []
     for grid in GRIDS.values():
-        if grid is not MINI_GRID and not values(records, grid):
+        if not values(records, grid):
             continue
         table = out_dir / "tables" / f"{grid.table}.md"
         table.parent.mkdir(parents=True, exist_ok=True)
@@ -343,11 +352,18 @@ def write(records_path: Path = RECORDS, out_dir: Path = ROOT) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=Path, default=RECORDS)
-    ap.add_argument("--out-dir", type=Path, default=ROOT, help="writes <out-dir>/tables/scaling.md and "
-                    "<out-dir>/figures/scaling.png (and scaling-mini-gpu.* once that grid has records)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="writes <out-dir>/tables/scaling.md and "
+                    "<out-dir>/figures/scaling.png (and scaling-mini-gpu.*), each grid's once it has records; default: "
+                    "the repository for results/records.jsonl, else the records file's folder")
     args = ap.parse_args(argv)
-    for path in write(args.records, args.out_dir):
+    try:
+        written = write(args.records, args.out_dir)
+    except FileNotFoundError as e:
+        ap.error(str(e))
+    for path in written:
         print(path)
+    if not written:
+        print(f"{args.records}: no scaling records, nothing written")
 
 
 if __name__ == "__main__":
