@@ -205,9 +205,14 @@ def merge(source: str | Path, path: str | Path = RECORDS) -> tuple[int, int]:
     :func:`append_record` skips it). A record superseded in ``source`` alone is appended as it is (it counts
     nowhere). Refused before anything is written, with :class:`OtherModelError`: a record of another trained model
     than the one ``path``'s current records of that preset, seed and scale measured (:func:`check_same_model`; e.g.
-    the same grid cell retrained on a GPU). A damaged ``source`` raises :class:`RecordError` naming its line."""
+    the same grid cell retrained on a GPU). A damaged ``source`` raises :class:`RecordError` naming its line, and so
+    does a ``source`` with smoke-scale records when ``path`` is the committed records file."""
     path = Path(path)
     incoming, held = load_records(source), load_records(path) if path.exists() else []
+    smoke = sum(r.get("scale") == "smoke" for r in incoming)
+    if smoke and path.resolve() == RECORDS.resolve():
+        raise RecordError(f"{source}: {smoke} smoke-scale record(s) (a plumbing check, e.g. gpu_call.sh with TINY=1): "
+                          f"they never enter {RECORDS.name}; nothing was merged")
 
     def measurement(r: dict) -> str:  # the record whatever became of it since
         return json.dumps({k: v for k, v in r.items() if k != "superseded"}, sort_keys=True)

@@ -402,3 +402,26 @@ def test_merge_appends_only_what_the_records_file_lacks_and_refuses_another_mode
     with pytest.raises(OtherModelError, match="seed=1"):
         merge(other, dest)
     assert dest.read_bytes() == before
+
+
+def test_merge_refuses_smoke_records_into_the_committed_file(tmp_path, monkeypatch):
+    """A smoke-scale records file (gpu_call.sh with TINY=1) merged into results/records.jsonl is refused with nothing
+    written; into any other records file it merges as before."""
+    import json
+
+    import eval.records as records
+    from eval.records import RecordError, merge
+
+    smoke = {"experiment": "scaling", "benchmark": "digits32/c32", "method": "baseline", "scale": "smoke",
+             "preset": "mini-gpu-digits32-scaling-c32-steps1500-baseline", "seed": 0, "metric": "fd_digits",
+             "value": 1.0, "n_samples": 8, "checkpoint": 3, "ema": True, "sampler": "ddpm-2-noclip", "reference": "r",
+             "backend": "b", "git_commit": "c", "time": "t", "overrides": {}}
+    source, committed = tmp_path / "out.jsonl", tmp_path / "results" / "records.jsonl"
+    source.write_text(json.dumps(smoke) + "\n")
+    committed.parent.mkdir()
+    committed.write_text("")
+    monkeypatch.setattr(records, "RECORDS", committed)
+    with pytest.raises(RecordError, match="1 smoke-scale record"):
+        merge(source, committed)
+    assert committed.read_text() == ""
+    assert merge(source, tmp_path / "pilot.jsonl") == (1, 0)
