@@ -106,11 +106,21 @@ def record_identity(record: dict) -> tuple:
     return tuple(json.dumps(record.get(k), sort_keys=True) for k in IDENTITY)
 
 
+def check_not_smoke_into_committed(scales: list[str], path: str | Path, source: str) -> None:
+    """Smoke-scale records (plumbing checks that measure nothing) never enter the committed records file: raises
+    :class:`RecordError` naming ``source`` when ``path`` is :data:`RECORDS` and any of ``scales`` is ``smoke``."""
+    smoke = sum(s == "smoke" for s in scales)
+    if smoke and Path(path).resolve() == RECORDS.resolve():
+        raise RecordError(f"{source}: {smoke} smoke-scale record(s) (a plumbing check, e.g. --scale smoke or "
+                          f"gpu_call.sh with TINY=1): they never enter {RECORDS.name}; nothing was written")
+
+
 def append_record(record: dict, path: str | Path = RECORDS) -> bool:
     """Append ``record`` (completed by :func:`make_record`) unless one with the same :func:`record_identity` is
     already in ``path``; returns whether it was written. The check and the append hold one file lock, so
     parallel workers appending to the same file cannot both write a measurement."""
     path = Path(path)
+    check_not_smoke_into_committed([record.get("scale", "")], path, f"{record.get('preset')} seed {record.get('seed')}")
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = make_record(**record)
     key = record_identity(rec)
@@ -209,10 +219,7 @@ def merge(source: str | Path, path: str | Path = RECORDS) -> tuple[int, int]:
     does a ``source`` with smoke-scale records when ``path`` is the committed records file."""
     path = Path(path)
     incoming, held = load_records(source), load_records(path) if path.exists() else []
-    smoke = sum(r.get("scale") == "smoke" for r in incoming)
-    if smoke and path.resolve() == RECORDS.resolve():
-        raise RecordError(f"{source}: {smoke} smoke-scale record(s) (a plumbing check, e.g. gpu_call.sh with TINY=1): "
-                          f"they never enter {RECORDS.name}; nothing was merged")
+    check_not_smoke_into_committed([r.get("scale", "") for r in incoming], path, str(source))
 
     def measurement(r: dict) -> str:  # the record whatever became of it since
         return json.dumps({k: v for k, v in r.items() if k != "superseded"}, sort_keys=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from core.runlog import RunLock, run_name
 from core.train import recorded_shared, training_overrides
-from eval.records import RECORDS, ROOT, SCALES, RecordError, cpu_cores, records_home
+from eval.records import RECORDS, ROOT, SCALES, RecordError, check_not_smoke_into_committed, cpu_cores, records_home
 
 from .evaluate import check_trained_models, evaluate_unconditional, measured_models_gone
 from .presets import Preset, run_config, sampler_configs, with_eval_options
@@ -219,6 +219,10 @@ def main(
         except ValueError as e:
             parser.error(str(e))
     records = args.records or (args.runs_dir / "smoke-records.jsonl" if args.scale == "smoke" else RECORDS)
+    try:  # before any compute: smoke runs measure nothing, so their records stay out of results/
+        check_not_smoke_into_committed([args.scale], records, f"--scale {args.scale} --records {records}")
+    except RecordError as e:
+        parser.error(str(e))
     # Only runs recorded in the committed records file update results/ and tables/; any other
     # --records file (a pilot, a sweep) gets its artifacts and tables next to it.
     home = records_home(records)

@@ -406,11 +406,14 @@ def test_merge_appends_only_what_the_records_file_lacks_and_refuses_another_mode
 
 def test_merge_refuses_smoke_records_into_the_committed_file(tmp_path, monkeypatch):
     """A smoke-scale records file (gpu_call.sh with TINY=1) merged into results/records.jsonl is refused with nothing
-    written; into any other records file it merges as before."""
+    written, as is a smoke record appended there or a smoke run told to record there; into any other records file it
+    merges as before."""
     import json
 
     import eval.records as records
     from eval.records import RecordError, merge
+    from experiments.runner import main  # imported before RECORDS is patched below: the runner keeps the real one
+    from experiments.unconditional import PRESETS
 
     smoke = {"experiment": "scaling", "benchmark": "digits32/c32", "method": "baseline", "scale": "smoke",
              "preset": "mini-gpu-digits32-scaling-c32-steps1500-baseline", "seed": 0, "metric": "fd_digits",
@@ -425,3 +428,11 @@ def test_merge_refuses_smoke_records_into_the_committed_file(tmp_path, monkeypat
         merge(source, committed)
     assert committed.read_text() == ""
     assert merge(source, tmp_path / "pilot.jsonl") == (1, 0)
+    # the same class through the runner's writer, and the runner itself before any compute
+    with pytest.raises(RecordError, match="smoke-scale"):
+        records.append_record(smoke, committed)
+    assert committed.read_text() == ""
+    with pytest.raises(SystemExit):
+        main("unconditional", PRESETS, "", ["--scale", "smoke", "--presets", "mini-digits16-baseline",
+                                            "--runs-dir", str(tmp_path / "runs"), "--records", str(committed)])
+    assert not (tmp_path / "runs").exists()
