@@ -115,7 +115,7 @@ def grid_presets(grid: Grid) -> list[Preset]:
 
 
 PRESETS = [p for g in GRIDS.values() for p in grid_presets(g)]
-GRID_OF = {p.name: g for g in GRIDS.values() for p in grid_presets(g)}
+GRID_OF = {p.name: GRIDS[p.scale] for p in PRESETS}
 
 # No table.yaml: the report (experiments.scaling.report) writes tables/scaling.md and figures/scaling.png itself.
 TABLE = None

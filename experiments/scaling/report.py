@@ -16,6 +16,7 @@ runs over the metrics of one (sampler, axis).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -73,10 +74,16 @@ def trend(gaps: dict[int, dict[float, float]], confidence: float = 0.95) -> Tren
 
 
 def unet_parameters(width: int, grid: Grid = MINI_GRID) -> int:
-    """Parameters of ``grid``'s UNet at ``width`` (the UNet alone: the context decoder is dropped after training)."""
+    """Parameters of ``grid``'s UNet at ``width`` (the UNet alone: the context decoder is dropped after training).
+    Built once per (grid, width): the table and the figure both need them."""
+    return _unet_parameters(grid.scale, width)
+
+
+@functools.cache
+def _unet_parameters(scale: str, width: int) -> int:
     from core.models import build_unet
 
-    cfg = next(p for p in PRESETS if GRID_OF[p.name] is grid and p.extra["width"] == width).run_config(0)
+    cfg = next(p for p in PRESETS if p.scale == scale and p.extra["width"] == width).run_config(0)
     return sum(p.numel() for p in build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).parameters())
 
 
