@@ -30,11 +30,11 @@ CLOSE = re.compile(r"<!--\s*/numbers\s*-->")
 # a number not inside a word or another number: "+0.74", "−0.045", "1,045,729", "1.7e-06", "4.17 M"
 TOKEN = r"[+\-−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+\-]?\d+)?"
 # a number may touch "_" (emphasis), "x" or "×" (a ratio) and "%", but not other letters or digits
-NUMBER = re.compile(rf"(?<![A-Za-z0-9.]){TOKEN}(?P<millions>\s?M\b)?")
+NUMBER = re.compile(rf"(?<![A-Za-z0-9.])(?P<number>{TOKEN})(?P<millions>\s?M\b)?")
 QUOTED = re.compile(rf"(?<![A-Za-z0-9.])(?P<number>{TOKEN})(?P<millions>\s?M\b)?(?![A-Za-wyz0-9]|\.\d)")
-# where an opening marker would start an HTML block (rendered raw): first on its line after up to 3 spaces, or
-# first in a list item or a block quote
-BLOCK_START = re.compile(r"(?:^|\n)[ ]{0,3}(?:(?:[-+*]|\d+[.)]|>)[ ]*)*$")
+# what may precede an opening marker on its line for it to start an HTML block (rendered raw): up to 3 spaces, list
+# item markers, block quote markers
+BLOCK_START = re.compile(r"[ ]{0,3}(?:(?:[-+*]|\d+[.)]|>)[ ]*)*")
 
 
 class QuoteError(ValueError):
@@ -61,8 +61,7 @@ def _decimal(token: str) -> Decimal:
 def table_numbers(text: str) -> list[Decimal]:
     """Every number printed in a table file (its prose too: the EMA decays, the parameter counts); one printed in
     millions (``1.05 M``) is read as the count it stands for."""
-    return [_decimal(m.group(0)[:m.start("millions") - m.start()] if m.group("millions") else m.group(0))
-            .scaleb(6 if m.group("millions") else 0) for m in NUMBER.finditer(text)]
+    return [_decimal(m.group("number")).scaleb(6 if m.group("millions") else 0) for m in NUMBER.finditer(text)]
 
 
 def rounds_to(quoted: str, numbers: list[Decimal], millions: bool = False) -> bool:
@@ -82,22 +81,24 @@ def rounds_to(quoted: str, numbers: list[Decimal], millions: bool = False) -> bo
 
 def spans(text: str) -> list[tuple[int, tuple[str, ...], str]]:
     """The marked spans of ``text``: (line of the opening marker, the tables named, the prose between)."""
+    def line_of(i: int) -> int:
+        return text.count("\n", 0, i) + 1
+
     out, pos = [], 0
     while (m := OPEN.search(text, pos)) is not None:
+        line = line_of(m.start())
         if stray := CLOSE.search(text, pos, m.start()):
-            raise QuoteError(f"line {text.count(chr(10), 0, stray.start()) + 1}: a '<!-- /numbers -->' closes no span")
+            raise QuoteError(f"line {line_of(stray.start())}: a '<!-- /numbers -->' closes no span")
         end = CLOSE.search(text, m.end())
         if end is None:
-            raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' is never closed "
-                             "by '<!-- /numbers -->'")
-        if BLOCK_START.search(text[max(0, m.start() - 200):m.start()]) or m.start() == 0:
-            raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: '{m.group(0)}' starts its line, which makes "
-                             "the line an HTML block (rendered raw): put it after the line's first word")
+            raise QuoteError(f"line {line}: '{m.group(0)}' is never closed by '<!-- /numbers -->'")
+        if BLOCK_START.fullmatch(text, text.rfind("\n", 0, m.start()) + 1, m.start()):
+            raise QuoteError(f"line {line}: '{m.group(0)}' starts its line, which makes the line an HTML block "
+                             "(rendered raw): put it after the line's first word")
         body = text[m.end():end.start()]
         if OPEN.search(body):
-            raise QuoteError(f"line {text.count(chr(10), 0, m.start()) + 1}: a numbers span opens inside another")
-        tables = tuple(t.strip() for t in m.group("tables").split(","))
-        out.append((text.count("\n", 0, m.start()) + 1, tables, body))
+            raise QuoteError(f"line {line}: a numbers span opens inside another")
+        out.append((line, tuple(t.strip() for t in m.group("tables").split(",")), body))
         pos = end.end()
     if CLOSE.search(text, pos):
         raise QuoteError("a '<!-- /numbers -->' closes no span")
